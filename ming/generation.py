@@ -1,0 +1,65 @@
+"""Token selection for generation: greedy or sampled (temperature, top-k, top-p), with a repetition guard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    no_repeat_ngram_size: int = 0  # the release's demo uses 10 to stop loops
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be positive when sampling")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+def banned_ngram_tokens(history: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram already in `history` (the rule of transformers' no_repeat_ngram_size)."""
+    if n <= 0 or len(history) < n:
+        return []
+    prefix = tuple(history[len(history) - n + 1 :])
+    banned = []
+    for i in range(len(history) - n + 1):
+        if tuple(history[i : i + n - 1]) == prefix:
+            banned.append(history[i + n - 1])
+    return banned
+
+
+def select_next_token(
+    logits: torch.Tensor, cfg: SamplingConfig, histories: list[list[int]], generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits [B, V] (float32) -> next token ids [B]."""
+    logits = logits.clone()
+    if cfg.no_repeat_ngram_size > 0:
+        for row, history in enumerate(histories):
+            banned = banned_ngram_tokens(history, cfg.no_repeat_ngram_size)
+            if banned:
+                logits[row, banned] = float("-inf")
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= cfg.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,346 @@
+"""The Ling (BailingMoe) language model of Ming-Lite-Omni-Preview.
+
+28 pre-norm decoder layers: grouped-query attention with a fused QKV projection and 1-D RoPE, then a sparse MoE
+(64 routed SwiGLU experts, top-6, plus one shared expert) whose router is chosen per token by modality: the Preview
+has three gates of identical shape (`gate` for text, `image_gate`, `audio_gate`).
+
+Attribute names follow the release's checkpoint keys (`model.model.layers.{i}.attention.query_key_value.weight`,
+`...mlp.experts.{e}.gate_proj.weight`, ...). The routed experts are stored stacked (`[num_experts, ...]`) so the
+decode path can read only the selected experts, but `state_dict()` and the loader still speak the per-expert keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import LLMConfig
+
+TEXT, IMAGE, AUDIO = 0, 1, 2  # router ids: which gate a token is routed by
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the input dtype (the release's order of operations).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, L, head_dim] for NeoX-style rotation over the full head dim, in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, L, D]; cos/sin: [B, L, D]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class KVCache:
+    """A static per-layer key/value cache, [B, kv_heads, max_len, head_dim], written in place."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, dtype, device) -> "KVCache":
+        shape = (batch, heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        self.rope_theta = config.rope_theta
+        qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=config.use_qkv_bias)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """mask: boolean [B, 1, L, S], True where a query may attend. With a cache, S is the cache length and the
+        new keys are written at `cache_position` first."""
+        B, L, _ = x.shape
+        qkv = self.query_key_value(x).view(B, L, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            cache.k.index_copy_(2, cache_position, k)
+            cache.v.index_copy_(2, cache_position, v)
+            k, v = cache.k, cache.v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.dense(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward; used for the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """One gate: softmax over experts in float32, top-k, renormalised to sum to one."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: gate/up [E, I, H], down [E, H, I].
+
+    The release stores them as `experts.{e}.{gate,up,down}_proj.weight`; `release_views()` maps those names onto
+    slices of the stacked tensors, and a state-dict hook writes them back under the same names.
+    """
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, I, H))
+        self.up_proj = nn.Parameter(torch.empty(E, I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self._register_state_dict_hook(Experts._per_expert_state_dict)
+        self._register_load_state_dict_pre_hook(Experts._stack_on_load, with_module=True)
+
+    def release_views(self) -> dict[str, tuple[nn.Parameter, int]]:
+        """`{"{e}.gate_proj.weight": (stacked_param, e), ...}` relative to this module's prefix."""
+        views = {}
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            param = getattr(self, name)
+            for e in range(param.shape[0]):
+                views[f"{e}.{name}.weight"] = (param, e)
+        return views
+
+    @staticmethod
+    def _per_expert_state_dict(module, state_dict, prefix, local_metadata):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            stacked = state_dict.pop(prefix + name)
+            for e in range(stacked.shape[0]):
+                state_dict[f"{prefix}{e}.{name}.weight"] = stacked[e]
+        return state_dict
+
+    def _stack_on_load(self, state_dict, prefix, *args):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            keys = [f"{prefix}{e}.{name}.weight" for e in range(getattr(self, name).shape[0])]
+            if all(k in state_dict for k in keys):
+                state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_idx/topk_weight [T, k] -> weighted sum of the chosen experts' outputs [T, H].
+
+        Tokens are grouped by expert so each expert runs one matmul over its tokens. The weighted sum is accumulated
+        in float32, as the release does.
+        """
+        T, k = topk_idx.shape
+        out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+        flat_expert = topk_idx.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        counts = torch.bincount(flat_expert, minlength=self.gate_proj.shape[0]).tolist()
+        token_of = order // k
+        weights = topk_weight.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tokens = token_of[start : start + n]
+            h = x[tokens]
+            h = F.silu(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)
+            h = h @ self.down_proj[e].T
+            out.index_add_(0, tokens, h.float() * weights[start : start + n, None])
+            start += n
+        return out.to(x.dtype)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.experts = Experts(config)
+        self.gate = Router(config)
+        if config.multi_gate:
+            self.image_gate = Router(config)
+            self.audio_gate = Router(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts
+            else None
+        )
+
+    def route(self, x: torch.Tensor, router_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H], router_ids [T] (TEXT/IMAGE/AUDIO) -> (topk_idx, topk_weight) [T, k].
+
+        Each token is scored only by its own modality's gate; the result equals computing all three gates and
+        selecting per token, as the release does."""
+        if router_ids is None or not bool((router_ids != TEXT).any()):
+            logits = self.gate.logits(x)
+        else:
+            logits = x.new_empty(x.shape[0], self.gate.weight.shape[0])
+            for modality, gate in ((TEXT, self.gate), (IMAGE, self.image_gate), (AUDIO, self.audio_gate)):
+                rows = (router_ids == modality).nonzero().squeeze(-1)
+                if rows.numel():
+                    logits[rows] = gate.logits(x[rows])
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+        topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+        return topk_idx, topk_weight
+
+    def forward(self, x: torch.Tensor, router_ids: torch.Tensor | None) -> torch.Tensor:
+        B, L, H = x.shape
+        flat = x.reshape(-1, H)
+        topk_idx, topk_weight = self.route(flat, None if router_ids is None else router_ids.reshape(-1))
+        y = self.experts(flat, topk_idx, topk_weight).view(B, L, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if layer_idx < config.first_k_dense_replace:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        else:
+            self.mlp = SparseMoeBlock(config)
+
+    def forward(self, x, rope, mask, router_ids, cache=None, cache_position=None) -> torch.Tensor:
+        x = x + self.attention(self.input_layernorm(x), rope, mask, cache, cache_position)
+        h = self.post_attention_layernorm(x)
+        h = self.mlp(h, router_ids) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(h)
+        return x + h
+
+
+class BailingMoeModel(nn.Module):
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        router_ids: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Returns the final-norm hidden states [B, L, H]."""
+        rope = rope_cos_sin(position_ids, self.config.attention_head_dim, self.config.rope_theta)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, router_ids, None if caches is None else caches[i], cache_position)
+        return self.norm(x)
+
+
+class BailingMoeForCausalLM(nn.Module):
+    """Keys: `model.*` (the decoder) and `lm_head.weight`. Under MingOmni this whole module sits at `model.`."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = BailingMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The checkpoint holds the raw head; with norm_head the model uses W / ||W|| over the vocab axis.
+        self.head_is_normalized = not config.norm_head
+
+    @torch.no_grad()
+    def normalize_head_(self) -> None:
+        """Fold `norm_head` into the weight once, in float32 (what the release does at its first eval forward)."""
+        if self.head_is_normalized:
+            return
+        w = self.lm_head.weight
+        w_float = w.float()
+        w.copy_(w_float / (w_float.norm(p=2, dim=0, keepdim=True) + 1e-7))
+        self.head_is_normalized = True
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.normalize_head_()
+        return self.lm_head(hidden).float()
+
+    def new_caches(self, batch: int, max_len: int, dtype, device) -> list[KVCache]:
+        c = self.config
+        return [
+            KVCache.empty(batch, c.num_key_value_heads, max_len, c.attention_head_dim, dtype, device)
+            for _ in range(c.num_hidden_layers)
+        ]
+
+
+def causal_mask(key_valid: torch.Tensor, query_len: int, past_len: int = 0) -> torch.Tensor:
+    """Boolean [B, 1, Lq, S] mask: query i (at cache index past_len + i) sees valid keys at index <= its own.
+
+    key_valid: [B, S] marks keys that exist and are not padding."""
+    S = key_valid.shape[1]
+    q_index = torch.arange(past_len, past_len + query_len, device=key_valid.device)
+    k_index = torch.arange(S, device=key_valid.device)
+    allowed = k_index[None, :] <= q_index[:, None]
+    mask = allowed[None] & key_valid[:, None, :]
+    # A fully padded query row would give NaN in softmax; let it see itself (its output is never used).
+    if past_len == 0 and query_len == S:
+        mask = mask | torch.eye(S, dtype=torch.bool, device=key_valid.device)[None]
+    return mask[:, None]
+
+
+def expert_active_parameters(config: LLMConfig) -> int:
+    """Parameters one decode step reads per token (attention, top-k + shared experts, gates, norms; no embeddings)."""
+    H, I = config.hidden_size, config.moe_intermediate_size
+    hd = config.attention_head_dim
+    attn = H * (config.num_attention_heads + 2 * config.num_key_value_heads) * hd + config.num_attention_heads * hd * H
+    experts = 3 * H * I * config.num_experts_per_tok
+    shared = 3 * H * I * (config.num_shared_experts or 0)
+    gate = config.num_experts * H
+    return config.num_hidden_layers * (attn + experts + shared + gate + 2 * H) + H
+
+
+__all__ = [
+    "BailingMoeForCausalLM",
+    "BailingMoeModel",
+    "KVCache",
+    "causal_mask",
+    "expert_active_parameters",
+    "TEXT",
+    "IMAGE",
+    "AUDIO",
+]

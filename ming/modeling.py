@@ -1,0 +1,347 @@
+"""MingOmni: the Ming-Lite-Omni-Preview thinker (vision encoder + audio encoder + projectors + Ling MoE LLM).
+
+Media become LLM embeddings as the Preview does: the ViT output goes through `linear_proj` and is L2-normalised,
+then written at the `<imagePatch>` positions (images and video frames alike); the SANM output goes through
+`linear_proj_audio`, is L2-normalised, and is written over the audio placeholder span. Each token is then routed
+by its modality's gate over the Preview's position spans (see `router_ids`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .audio import SANMEncoder
+from .configs import MingConfig
+from .generation import SamplingConfig, select_next_token
+from .llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, KVCache, causal_mask
+from .loading import (
+    load_release_weights,
+    materialize,
+    params_on_meta,
+    resolve_checkpoint,
+    save_release_weights,
+)
+from .vision import VisionEncoder
+
+
+class Transpose(nn.Module):
+    """Swaps the channel and time axes inside `linear_proj_audio` (keeps the release's Sequential indices)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(-1, -2)
+
+
+@dataclass
+class MingOutput:
+    logits: torch.Tensor  # [B, L, vocab], float32
+    hidden_states: torch.Tensor  # [B, L, H], after the final norm
+    inputs_embeds: torch.Tensor  # [B, L, H], with media merged in
+
+
+class MingOmni(nn.Module):
+    def __init__(self, config: MingConfig):
+        super().__init__()
+        self.config = config
+        llm, hidden = config.llm_config, config.llm_config.hidden_size
+        self.vision = VisionEncoder(config.vision_config)
+        self.audio = SANMEncoder(config.audio_config.audio_encoder_config_sanm)
+        self.model = BailingMoeForCausalLM(llm)
+
+        image_proj: list[nn.Module] = [nn.Linear(config.vision_config.out_hidden_size, hidden)]
+        for _ in range(1, config.mlp_depth):
+            image_proj += [nn.GELU(), nn.Linear(hidden, hidden)]
+        self.linear_proj = nn.Sequential(*image_proj)
+
+        ac = config.audio_config
+        audio_proj: list[nn.Module] = [
+            nn.Conv1d(ac.audio_encoder_output_size, hidden, ac.ds_kernel_size, ac.ds_stride, ac.ds_kernel_size // 2),
+            Transpose(),
+        ]
+        for _ in range(1, config.mlp_depth):
+            audio_proj += [nn.GELU(), nn.Linear(hidden, hidden)]
+        audio_proj.append(Transpose())
+        self.linear_proj_audio = nn.Sequential(*audio_proj)
+
+    # ------------------------------------------------------------------ construction and loading
+    @classmethod
+    def from_config(
+        cls, config: MingConfig | str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "MingOmni":
+        """A model with uninitialised weights (`device="meta"`: no memory at all)."""
+        if not isinstance(config, MingConfig):
+            config = MingConfig.from_file(config)
+        with params_on_meta():
+            model = cls(config)
+        if torch.device(device).type != "meta":
+            materialize(model, device, dtype)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+    ) -> "MingOmni":
+        folder = resolve_checkpoint(os.fspath(path_or_hub_id), revision)
+        model = cls.from_config(MingConfig.from_file(folder), device=device, dtype=dtype)
+        load_release_weights(model, folder, skip_prefixes=("talker.",))
+        model.model.normalize_head_()
+        model.checkpoint_dir = folder
+        return model
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json and safetensors in the release's layout (the head is saved as loaded, normalised)."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.config.save(os.path.join(folder, "config.json"))
+        save_release_weights(self, folder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    # ------------------------------------------------------------------ media -> embeddings
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """[N_patches, 1176] -> [N_patches / 4, H], unit-norm rows."""
+        features = self.vision(pixel_values.to(self.device, self.dtype), grid_thw.to(self.device))
+        return F.normalize(self.linear_proj(features.to(self.dtype)), dim=-1)
+
+    def encode_audio(self, audio_feats: torch.Tensor, audio_feats_lengths: torch.Tensor) -> list[torch.Tensor]:
+        """audio_feats [B, T, 560] with lengths [B, 1] -> one [T_b, H] unit-norm tensor per sample."""
+        lengths = audio_feats_lengths.reshape(audio_feats.shape[0], -1)[:, 0].to(self.device)
+        hidden, out_lengths = self.audio(audio_feats.to(self.device, self.dtype), lengths)
+        projected = F.normalize(self.linear_proj_audio(hidden.transpose(1, 2)).transpose(1, 2), dim=-1)
+        return [projected[b, : int(out_lengths[b])] for b in range(projected.shape[0])]
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        audio_feats: torch.Tensor | None = None,
+        audio_feats_lengths: torch.Tensor | None = None,
+        audio_placeholder_loc_lens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with the media merged in, and the per-token router ids [B, L]."""
+        input_ids = input_ids.to(self.device)
+        vocab = self.model.model.word_embeddings.num_embeddings
+        embeds = self.model.model.word_embeddings(input_ids.clamp(0, vocab - 1))
+        patch_id = self.config.llm_config.image_patch_token
+        is_patch = input_ids == patch_id
+        for pixels, grid in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)):
+            if pixels is None:
+                continue
+            features = self.encode_images(pixels, grid)
+            if int(is_patch.sum()) != features.shape[0]:
+                raise ValueError(
+                    f"{int(is_patch.sum())} <imagePatch> tokens but {features.shape[0]} visual features; "
+                    "an image and a video cannot share one request in the Preview model"
+                )
+            embeds = embeds.masked_scatter(is_patch[..., None], features.to(embeds.dtype))
+
+        router_ids = torch.full_like(input_ids, TEXT)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        for b in range(input_ids.shape[0]):
+            patch_positions = is_patch[b].nonzero().squeeze(-1)
+            if patch_positions.numel() and (pixel_values is not None or pixel_values_videos is not None):
+                # The Preview routes the whole span from the first to the last patch (text between images too).
+                span = (positions >= patch_positions[0]) & (positions <= patch_positions[-1])
+                router_ids[b, span] = IMAGE
+
+        if audio_feats is not None:
+            if audio_placeholder_loc_lens is None:
+                raise ValueError("audio_feats needs audio_placeholder_loc_lens")
+            loc_lens = audio_placeholder_loc_lens.reshape(input_ids.shape[0], -1, 2)
+            if loc_lens.shape[1] != 1:
+                raise ValueError("the Preview model takes one audio per request")
+            for b, features in enumerate(self.encode_audio(audio_feats, audio_feats_lengths)):
+                start, length = int(loc_lens[b, 0, 0]), int(loc_lens[b, 0, 1])
+                n = min(length, features.shape[0])
+                embeds[b, start : start + n] = features[:n].to(embeds.dtype)
+                router_ids[b, start : start + length] = AUDIO
+        return embeds, router_ids
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **media: torch.Tensor | None
+    ) -> MingOutput:
+        """Full forward over the prompt (no cache)."""
+        embeds, router_ids = self.embed(input_ids, **media)
+        key_valid = _key_valid(attention_mask, input_ids, self.device)
+        position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+        mask = causal_mask(key_valid, input_ids.shape[1])
+        hidden = self.model.model(embeds, position_ids, mask, router_ids)
+        return MingOutput(logits=self.model.logits(hidden), hidden_states=hidden, inputs_embeds=embeds)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        no_repeat_ngram_size: int = 0,
+        seed: int | None = None,
+        stop_event: threading.Event | None = None,
+        **media: torch.Tensor | None,
+    ) -> "TokenStream":
+        """Prefill now; iterate the result for new token ids (batch of one)."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("generate_stream takes one prompt; use generate() for a batch")
+        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, top_k, no_repeat_ngram_size, seed)
+        return TokenStream(self, input_ids, attention_mask, media, cfg, stop_event)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 512,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        no_repeat_ngram_size: int = 0,
+        seed: int | None = None,
+        stop_event: threading.Event | None = None,
+        **media: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Only the new token ids [B, n]; rows that finish early are padded with the pad id."""
+        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, top_k, no_repeat_ngram_size, seed)
+        decoder = Decoder(self, input_ids, attention_mask, media, cfg)
+        rows = [[] for _ in range(input_ids.shape[0])]
+        while not decoder.done and not (stop_event is not None and stop_event.is_set()):
+            for row, token in zip(rows, decoder.step()):
+                if token is not None:
+                    row.append(token)
+        pad = self.config.llm_config.pad_token_id
+        n = max(len(r) for r in rows)
+        return torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long)
+
+
+def _key_valid(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(input_ids.shape, dtype=torch.bool, device=device)
+    return attention_mask.to(device).bool()
+
+
+class Decoder:
+    """One generation: prefill the prompt into a static KV cache, then decode one token per step.
+
+    The cache is sized prompt + max_new_tokens, so the prompt is never recomputed. Rows are left-aligned in the
+    cache (the prompt's padding stays masked); all rows decode at the same cache index."""
+
+    def __init__(self, model: MingOmni, input_ids, attention_mask, media: dict, cfg: SamplingConfig):
+        self.model, self.cfg = model, cfg
+        llm = model.model
+        device = model.device
+        self.eos = model.config.llm_config.eos_token_id
+        B, L = input_ids.shape
+        self.max_len = L + cfg.max_new_tokens
+        self.caches: list[KVCache] = llm.new_caches(B, self.max_len, model.dtype, device)
+        self.key_valid = torch.zeros(B, self.max_len, dtype=torch.bool, device=device)
+        self.key_valid[:, :L] = _key_valid(attention_mask, input_ids, device)
+        self.positions = (self.key_valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)
+        self.generator = None
+        if cfg.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+        embeds, router_ids = model.embed(input_ids, **media)
+        mask = causal_mask(self.key_valid, L)
+        hidden = llm.model(embeds, self.positions, mask, router_ids, self.caches, torch.arange(L, device=device))
+        # What the talker is conditioned on: the merged input embeddings plus the prompt's last hidden states.
+        self.prompt_states = embeds + hidden
+        self.logits = llm.logits(hidden[:, -1])
+        self.next_position = self.positions[:, -1] + 1
+        self.cache_index = L
+        self.histories = [row.tolist() for row in input_ids]
+        self.finished = [False] * B
+        self.generated = 0
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished) or self.generated >= self.cfg.max_new_tokens
+
+    def step(self) -> list[int | None]:
+        """Choose the next token of every unfinished row (None for finished rows) and feed it to the model."""
+        tokens = select_next_token(self.logits, self.cfg, self.histories, self.generator)
+        out: list[int | None] = []
+        for row, token in enumerate(tokens.tolist()):
+            if self.finished[row]:
+                out.append(None)
+                tokens[row] = self.eos
+                continue
+            self.histories[row].append(token)
+            if token == self.eos:
+                self.finished[row] = True
+                out.append(None)
+            else:
+                out.append(token)
+        self.generated += 1
+        if not self.done:
+            self._feed(tokens)
+        return out
+
+    def _feed(self, tokens: torch.Tensor) -> None:
+        llm, device = self.model.model, self.model.device
+        i = self.cache_index
+        self.key_valid[:, i] = True
+        embeds = llm.model.word_embeddings(tokens.to(device)[:, None])
+        mask = causal_mask(self.key_valid, 1, past_len=i)
+        hidden = llm.model(
+            embeds, self.next_position[:, None], mask, None, self.caches, torch.tensor([i], device=device)
+        )
+        self.logits = llm.logits(hidden[:, -1])
+        self.next_position = self.next_position + 1
+        self.cache_index += 1
+
+
+class TokenStream:
+    """Iterator over the new token ids of one prompt. Prefill runs in the constructor, so `talker_condition` is
+    ready before the first token is read. Stops at <|endoftext|>, max_new_tokens or `stop_event`."""
+
+    def __init__(self, model: MingOmni, input_ids, attention_mask, media, cfg: SamplingConfig, stop_event):
+        self.decoder = Decoder(model, input_ids, attention_mask, media, cfg)
+        self.stop_event = stop_event
+        self.talker_condition: torch.Tensor = self.decoder.prompt_states
+        self.prompt_length = input_ids.shape[1]
+        self.finish_reason: str | None = None  # "eos" | "length" | "stopped"
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        if self.finish_reason is not None:
+            raise StopIteration
+        if self.stop_event is not None and self.stop_event.is_set():
+            self.finish_reason = "stopped"
+            raise StopIteration
+        if self.decoder.done:
+            self.finish_reason = "eos" if self.decoder.finished[0] else "length"
+            raise StopIteration
+        token = self.decoder.step()[0]
+        if token is None:
+            self.finish_reason = "eos"
+            raise StopIteration
+        return token

@@ -1,0 +1,119 @@
+"""Write a tiny random-weight checkpoint in the release's layout: `python -m ming.tiny OUT_DIR`.
+
+Same config structure, key names, special-token ids and vocab size as the real Ming-Lite-Omni-Preview, with small
+layers, so tests, CI and the offline demo exercise exactly the loading and inference code the real model uses.
+Every tensor is drawn from a generator seeded by (seed, crc32(key)): the weights depend only on the key names and
+shapes, never on module construction order, so the same checkpoint comes out on every machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import zlib
+
+import torch
+from safetensors.torch import save_file
+
+from .configs import AudioConfig, LLMConfig, MingConfig, SANMConfig, VisionConfig
+
+SEED = 1234
+TINY_MARKER = "tiny_random_weights"  # config.json key: the UI shows a banner when it is set
+
+
+def tiny_config() -> MingConfig:
+    llm = LLMConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        num_shared_experts=2,
+    )
+    vision = VisionConfig(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=[1, 3])
+    sanm = SANMConfig(output_size=32, attention_heads=2, linear_units=64, num_blocks=3)
+    audio = AudioConfig(audio_encoder_output_size=32, audio_encoder_config_sanm=sanm)
+    config = MingConfig(llm_config=llm, vision_config=vision, audio_config=audio, mlp_depth=2)
+    config.extra = {
+        "architectures": ["BailingMMNativeForConditionalGeneration"],
+        "model_type": "bailingmm",
+        TINY_MARKER: True,
+    }
+    return config
+
+
+def is_tiny_checkpoint(folder: str) -> bool:
+    try:
+        return bool(MingConfig.from_file(folder).extra.get(TINY_MARKER, False))
+    except OSError:
+        return False
+
+
+def tiny_tensor(key: str, shape: tuple[int, ...], seed: int = SEED) -> torch.Tensor:
+    """A deterministic float32 tensor for one release key, scaled so activations stay O(1) through the network."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    noise = torch.randn(shape, generator=generator)
+    is_norm = any(n in key for n in ("norm", "ln_q", "layernorm")) and key.endswith("weight")
+    if is_norm:
+        return 1.0 + 0.1 * noise
+    if key.endswith("bias"):
+        return 0.05 * noise
+    if len(shape) == 1:
+        return 0.1 * noise
+    fan_in = 1
+    for d in shape[1:]:  # [out, in, *kernel] for linear / conv weights, [vocab, hidden] for embeddings
+        fan_in *= d
+    return noise / fan_in**0.5
+
+
+def build_tiny_checkpoint(out_dir: str, with_speech: bool = True) -> str:
+    """Write the tiny checkpoint into `out_dir` (created if needed) and return it."""
+    from .audio import write_cmvn
+    from .modeling import MingOmni
+    from .tokenizer import write_tiny_tokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    config = tiny_config()
+    config.save(os.path.join(out_dir, "config.json"))
+    shapes = {k: tuple(v.shape) for k, v in MingOmni.from_config(config, device="meta").state_dict().items()}
+    weights = {k: tiny_tensor(k, s).contiguous() for k, s in shapes.items()}
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+    # CMVN that brings log-mel fbank values (about 0..20 for int16-scaled speech) near zero mean, unit scale.
+    dim = config.audio_config.audio_encoder_config_sanm.input_size
+    generator = torch.Generator().manual_seed(SEED)
+    shift = -(8.0 + 2.0 * torch.rand(dim, generator=generator))
+    scale = 0.25 + 0.1 * torch.rand(dim, generator=generator)
+    write_cmvn(os.path.join(out_dir, "am.mvn"), shift, scale)
+    write_tiny_tokenizer(out_dir)
+    _copy_release_data(out_dir)
+    if with_speech:
+        from .speech.tiny import write_tiny_speech_assets
+
+        write_tiny_speech_assets(out_dir)
+    return out_dir
+
+
+def _copy_release_data(out_dir: str) -> None:
+    """The release's preprocessor settings ship with the package (ming/data) and go into every checkpoint."""
+    import shutil
+
+    data = os.path.join(os.path.dirname(__file__), "data")
+    src = os.path.join(data, "preprocessor_config.json")
+    if os.path.exists(src):
+        shutil.copy(src, os.path.join(out_dir, "preprocessor_config.json"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--no-speech", action="store_true", help="skip the talker / flow / vocoder assets")
+    args = parser.parse_args()
+    print(build_tiny_checkpoint(args.out_dir, with_speech=not args.no_speech))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Unit tests of the Ling MoE LLM blocks (ming/llm.py) and of the static KV cache."""
+
+import torch
+import torch.nn.functional as F
+
+from ming.generation import SamplingConfig, banned_ngram_tokens, select_next_token
+from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, RMSNorm, SparseMoeBlock, apply_rope, causal_mask
+from ming.tiny import tiny_config, tiny_tensor
+
+
+def tiny_llm() -> BailingMoeForCausalLM:
+    config = tiny_config().llm_config
+    llm = BailingMoeForCausalLM(config)
+    state = {k: tiny_tensor(k, tuple(v.shape)) for k, v in llm.state_dict().items()}
+    llm.load_state_dict(state)
+    return llm.eval()
+
+
+def full_logits(llm: BailingMoeForCausalLM, ids: torch.Tensor, router_ids=None) -> torch.Tensor:
+    embeds = llm.model.word_embeddings(ids)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+    hidden = llm.model(embeds, positions, causal_mask(valid, ids.shape[1]), router_ids)
+    return llm.logits(hidden)
+
+
+def test_state_dict_uses_per_expert_release_keys():
+    llm = BailingMoeForCausalLM(tiny_config().llm_config)
+    keys = set(llm.state_dict())
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in keys
+    assert "model.layers.1.mlp.image_gate.weight" in keys
+    assert "model.layers.0.attention.query_key_value.weight" in keys
+    assert not any(k.endswith("experts.gate_proj") for k in keys)
+    assert tuple(llm.state_dict()["model.layers.0.mlp.experts.3.gate_proj.weight"].shape) == (32, 64)
+
+
+def test_stacked_experts_equal_per_expert_swiglu():
+    llm = tiny_llm()
+    block: SparseMoeBlock = llm.model.layers[0].mlp
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    idx, w = block.route(x, None)
+    got = block.experts(x, idx, w)
+    state = llm.state_dict()
+    want = torch.zeros_like(x)
+    for t in range(5):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            p = f"model.layers.0.mlp.experts.{e}."
+            h = F.silu(x[t] @ state[p + "gate_proj.weight"].T) * (x[t] @ state[p + "up_proj.weight"].T)
+            want[t] += w[t, j] * (h @ state[p + "down_proj.weight"].T)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.sum(-1), torch.ones(5))
+
+
+def test_each_token_uses_its_modality_gate():
+    llm = tiny_llm()
+    block: SparseMoeBlock = llm.model.layers[0].mlp
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    router_ids = torch.tensor([TEXT, IMAGE, IMAGE, AUDIO, TEXT, AUDIO])
+    idx, _ = block.route(x, router_ids)
+    for t, gate in enumerate([block.gate, block.image_gate, block.image_gate, block.audio_gate, block.gate, block.audio_gate]):
+        scores = gate.logits(x[t : t + 1]).softmax(-1)
+        assert set(scores.topk(3).indices[0].tolist()) == set(idx[t].tolist())
+
+
+def test_rmsnorm_and_rope_are_what_they_claim():
+    norm = RMSNorm(8, 1e-6)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(norm(x).pow(2).mean(-1), torch.ones(3), rtol=1e-4, atol=1e-4)
+    q = torch.randn(1, 2, 4, 16)
+    pos = torch.arange(4)[None]
+    from ming.llm import rope_cos_sin
+
+    cos, sin = rope_cos_sin(pos, 16, 600000.0)
+    rotated = apply_rope(q, cos, sin)
+    torch.testing.assert_close(rotated.norm(dim=-1), q.norm(dim=-1))  # a rotation keeps lengths
+    torch.testing.assert_close(rotated[:, :, 0], q[:, :, 0])  # position 0 is the identity
+
+
+def test_kv_cache_decode_equals_full_recompute():
+    llm = tiny_llm()
+    ids = torch.randint(0, 126464, (1, 9), generator=torch.Generator().manual_seed(2))
+    want = full_logits(llm, ids)
+    prompt = 5
+    caches = llm.new_caches(1, 12, torch.float32, "cpu")
+    valid = torch.zeros(1, 12, dtype=torch.bool)
+    valid[:, :prompt] = True
+    hidden = llm.model(
+        llm.model.word_embeddings(ids[:, :prompt]),
+        torch.arange(prompt)[None],
+        causal_mask(valid, prompt),
+        None,
+        caches,
+        torch.arange(prompt),
+    )
+    torch.testing.assert_close(llm.logits(hidden), want[:, :prompt], rtol=1e-4, atol=1e-5)
+    for i in range(prompt, 9):
+        valid[:, i] = True
+        hidden = llm.model(
+            llm.model.word_embeddings(ids[:, i : i + 1]),
+            torch.tensor([[i]]),
+            causal_mask(valid, 1, past_len=i),
+            None,
+            caches,
+            torch.tensor([i]),
+        )
+        torch.testing.assert_close(llm.logits(hidden)[:, 0], want[:, i], rtol=1e-4, atol=1e-5)
+
+
+def test_norm_head_normalises_columns_once():
+    llm = tiny_llm()
+    raw = llm.lm_head.weight.detach().clone()
+    llm.normalize_head_()
+    llm.normalize_head_()
+    torch.testing.assert_close(llm.lm_head.weight, raw / (raw.norm(dim=0, keepdim=True) + 1e-7))
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
+    greedy = SamplingConfig(do_sample=False)
+    assert select_next_token(logits, greedy, [[]], None).item() == 1
+    top1 = SamplingConfig(do_sample=True, top_k=1)
+    assert all(select_next_token(logits, top1, [[]], torch.Generator().manual_seed(s)).item() == 1 for s in range(5))
+    nucleus = SamplingConfig(do_sample=True, top_p=0.5)
+    assert all(select_next_token(logits, nucleus, [[]], torch.Generator().manual_seed(s)).item() == 1 for s in range(5))
+    wide = SamplingConfig(do_sample=True, top_p=0.99)
+    picks = {select_next_token(logits, wide, [[]], torch.Generator().manual_seed(s)).item() for s in range(40)}
+    assert picks == {1, 2}
+    # no_repeat_ngram_size=2: after "... 7 1" the bigram (1, x) seen before bans x.
+    assert banned_ngram_tokens([1, 2, 7, 1], 2) == [2]
+    guarded = SamplingConfig(no_repeat_ngram_size=2)
+    assert select_next_token(logits, guarded, [[1, 1]], None).item() == 2
