@@ -79,12 +79,16 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """mask: boolean [B, 1, L, S], True where a query may attend. With a cache, S is the cache length and the
-        new keys are written at `cache_position` first."""
+        """mask: boolean, True where a query may attend; None means plain causal attention (lets SDPA pick its
+        flash kernel).
+
+        With a cache, the new keys are first written at `cache_position`. A multi-token input is a prefill from
+        cache index 0 and attends over its own keys ([B, 1, L, L] mask); a one-token input is a decode step and
+        attends over the whole cache ([B, 1, 1, S] mask, S = cache length)."""
         B, L, _ = x.shape
         qkv = self.query_key_value(x).view(B, L, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
@@ -93,8 +97,11 @@ class Attention(nn.Module):
         if cache is not None:
             cache.k.index_copy_(2, cache_position, k)
             cache.v.index_copy_(2, cache_position, v)
-            k, v = cache.k, cache.v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+            if L == 1:
+                k, v = cache.k, cache.v
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
+        )
         return self.dense(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -164,16 +171,18 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_idx/topk_weight [T, k] -> weighted sum of the chosen experts' outputs [T, H].
 
-        Tokens are grouped by expert so each expert runs one matmul over its tokens. The weighted sum is accumulated
-        in float32, as the release does.
+        (token, expert) pairs are sorted by expert so each expert runs one matmul over its tokens. The weighted sum
+        is accumulated in float32, as the release does.
         """
         T, k = topk_idx.shape
-        out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
         flat_expert = topk_idx.reshape(-1)
         order = flat_expert.argsort(stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.gate_proj.shape[0]).tolist()
         token_of = order // k
         weights = topk_weight.reshape(-1)[order]
+        if use_grouped_mm(x):
+            return self._grouped(x, flat_expert, token_of, weights)
+        out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+        counts = torch.bincount(flat_expert, minlength=self.gate_proj.shape[0]).tolist()
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -185,6 +194,31 @@ class Experts(nn.Module):
             out.index_add_(0, tokens, h.float() * weights[start : start + n, None])
             start += n
         return out.to(x.dtype)
+
+    def _grouped(self, x, flat_expert, token_of, weights) -> torch.Tensor:
+        """The GPU path: three grouped GEMMs over the expert-sorted rows. Reads only the weights of experts that
+        have tokens, and never syncs with the host, so a decode step can be captured in a CUDA graph."""
+        num_experts = self.gate_proj.shape[0]
+        counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_expert.int(), torch.ones_like(flat_expert, dtype=torch.int32))
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        rows = x[token_of]
+        gate = torch._grouped_mm(rows, self.gate_proj.transpose(1, 2), offs=offsets)
+        up = torch._grouped_mm(rows, self.up_proj.transpose(1, 2), offs=offsets)
+        h = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, token_of, h.float() * weights[:, None])
+        return out.to(x.dtype)
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """Grouped GEMM needs CUDA, bf16 and Hopper-class (sm90+) tensor cores; everything else takes the loop."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
 
 
 class SparseMoeBlock(nn.Module):
@@ -308,19 +342,22 @@ class BailingMoeForCausalLM(nn.Module):
         ]
 
 
-def causal_mask(key_valid: torch.Tensor, query_len: int, past_len: int = 0) -> torch.Tensor:
-    """Boolean [B, 1, Lq, S] mask: query i (at cache index past_len + i) sees valid keys at index <= its own.
-
-    key_valid: [B, S] marks keys that exist and are not padding."""
-    S = key_valid.shape[1]
-    q_index = torch.arange(past_len, past_len + query_len, device=key_valid.device)
-    k_index = torch.arange(S, device=key_valid.device)
-    allowed = k_index[None, :] <= q_index[:, None]
-    mask = allowed[None] & key_valid[:, None, :]
+def prefill_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
+    """Mask for a prompt of L tokens: None (plain causal) without padding, else a boolean [B, 1, L, L] mask in
+    which query i sees the valid keys at positions <= i. key_valid: [B, L], False at padding."""
+    if bool(key_valid.all()):
+        return None
+    L = key_valid.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=key_valid.device).tril()
     # A fully padded query row would give NaN in softmax; let it see itself (its output is never used).
-    if past_len == 0 and query_len == S:
-        mask = mask | torch.eye(S, dtype=torch.bool, device=key_valid.device)[None]
+    mask = (causal[None] & key_valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=key_valid.device)
     return mask[:, None]
+
+
+def decode_mask(key_valid: torch.Tensor) -> torch.Tensor:
+    """Mask for one new token over the cache: [B, 1, 1, S]. key_valid is True exactly at the filled, non-padding
+    cache slots, the new token's own slot included."""
+    return key_valid[:, None, None, :]
 
 
 def expert_active_parameters(config: LLMConfig) -> int:
@@ -338,7 +375,8 @@ __all__ = [
     "BailingMoeForCausalLM",
     "BailingMoeModel",
     "KVCache",
-    "causal_mask",
+    "decode_mask",
+    "prefill_mask",
     "expert_active_parameters",
     "TEXT",
     "IMAGE",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +18,9 @@ from torch import nn
 
 from .audio import SANMEncoder
 from .configs import MingConfig
-from .generation import SamplingConfig, select_next_token
-from .llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, KVCache, causal_mask
+from .decoding import Decoder, TokenStream, key_valid_of
+from .generation import SamplingConfig
+from .llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, prefill_mask
 from .loading import (
     load_release_weights,
     materialize,
@@ -182,10 +182,9 @@ class MingOmni(nn.Module):
     ) -> MingOutput:
         """Full forward over the prompt (no cache)."""
         embeds, router_ids = self.embed(input_ids, **media)
-        key_valid = _key_valid(attention_mask, input_ids, self.device)
+        key_valid = key_valid_of(attention_mask, input_ids, self.device)
         position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-        mask = causal_mask(key_valid, input_ids.shape[1])
-        hidden = self.model.model(embeds, position_ids, mask, router_ids)
+        hidden = self.model.model(embeds, position_ids, prefill_mask(key_valid), router_ids)
         return MingOutput(logits=self.model.logits(hidden), hidden_states=hidden, inputs_embeds=embeds)
 
     # ------------------------------------------------------------------ generation
@@ -238,110 +237,3 @@ class MingOmni(nn.Module):
         pad = self.config.llm_config.pad_token_id
         n = max(len(r) for r in rows)
         return torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long)
-
-
-def _key_valid(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, device) -> torch.Tensor:
-    if attention_mask is None:
-        return torch.ones(input_ids.shape, dtype=torch.bool, device=device)
-    return attention_mask.to(device).bool()
-
-
-class Decoder:
-    """One generation: prefill the prompt into a static KV cache, then decode one token per step.
-
-    The cache is sized prompt + max_new_tokens, so the prompt is never recomputed. Rows are left-aligned in the
-    cache (the prompt's padding stays masked); all rows decode at the same cache index."""
-
-    def __init__(self, model: MingOmni, input_ids, attention_mask, media: dict, cfg: SamplingConfig):
-        self.model, self.cfg = model, cfg
-        llm = model.model
-        device = model.device
-        self.eos = model.config.llm_config.eos_token_id
-        B, L = input_ids.shape
-        self.max_len = L + cfg.max_new_tokens
-        self.caches: list[KVCache] = llm.new_caches(B, self.max_len, model.dtype, device)
-        self.key_valid = torch.zeros(B, self.max_len, dtype=torch.bool, device=device)
-        self.key_valid[:, :L] = _key_valid(attention_mask, input_ids, device)
-        self.positions = (self.key_valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)
-        self.generator = None
-        if cfg.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
-
-        embeds, router_ids = model.embed(input_ids, **media)
-        mask = causal_mask(self.key_valid, L)
-        hidden = llm.model(embeds, self.positions, mask, router_ids, self.caches, torch.arange(L, device=device))
-        # What the talker is conditioned on: the merged input embeddings plus the prompt's last hidden states.
-        self.prompt_states = embeds + hidden
-        self.logits = llm.logits(hidden[:, -1])
-        self.next_position = self.positions[:, -1] + 1
-        self.cache_index = L
-        self.histories = [row.tolist() for row in input_ids]
-        self.finished = [False] * B
-        self.generated = 0
-
-    @property
-    def done(self) -> bool:
-        return all(self.finished) or self.generated >= self.cfg.max_new_tokens
-
-    def step(self) -> list[int | None]:
-        """Choose the next token of every unfinished row (None for finished rows) and feed it to the model."""
-        tokens = select_next_token(self.logits, self.cfg, self.histories, self.generator)
-        out: list[int | None] = []
-        for row, token in enumerate(tokens.tolist()):
-            if self.finished[row]:
-                out.append(None)
-                tokens[row] = self.eos
-                continue
-            self.histories[row].append(token)
-            if token == self.eos:
-                self.finished[row] = True
-                out.append(None)
-            else:
-                out.append(token)
-        self.generated += 1
-        if not self.done:
-            self._feed(tokens)
-        return out
-
-    def _feed(self, tokens: torch.Tensor) -> None:
-        llm, device = self.model.model, self.model.device
-        i = self.cache_index
-        self.key_valid[:, i] = True
-        embeds = llm.model.word_embeddings(tokens.to(device)[:, None])
-        mask = causal_mask(self.key_valid, 1, past_len=i)
-        hidden = llm.model(
-            embeds, self.next_position[:, None], mask, None, self.caches, torch.tensor([i], device=device)
-        )
-        self.logits = llm.logits(hidden[:, -1])
-        self.next_position = self.next_position + 1
-        self.cache_index += 1
-
-
-class TokenStream:
-    """Iterator over the new token ids of one prompt. Prefill runs in the constructor, so `talker_condition` is
-    ready before the first token is read. Stops at <|endoftext|>, max_new_tokens or `stop_event`."""
-
-    def __init__(self, model: MingOmni, input_ids, attention_mask, media, cfg: SamplingConfig, stop_event):
-        self.decoder = Decoder(model, input_ids, attention_mask, media, cfg)
-        self.stop_event = stop_event
-        self.talker_condition: torch.Tensor = self.decoder.prompt_states
-        self.prompt_length = input_ids.shape[1]
-        self.finish_reason: str | None = None  # "eos" | "length" | "stopped"
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    def __next__(self) -> int:
-        if self.finish_reason is not None:
-            raise StopIteration
-        if self.stop_event is not None and self.stop_event.is_set():
-            self.finish_reason = "stopped"
-            raise StopIteration
-        if self.decoder.done:
-            self.finish_reason = "eos" if self.decoder.finished[0] else "length"
-            raise StopIteration
-        token = self.decoder.step()[0]
-        if token is None:
-            self.finish_reason = "eos"
-            raise StopIteration
-        return token

@@ -15,33 +15,30 @@ import zlib
 import torch
 from safetensors.torch import save_file
 
-from .configs import AudioConfig, LLMConfig, MingConfig, SANMConfig, VisionConfig
+from .configs import MingConfig
 
 SEED = 1234
 TINY_MARKER = "tiny_random_weights"  # config.json key: the UI shows a banner when it is set
 
 
+RELEASE_CONFIG = os.path.join(os.path.dirname(__file__), "data", "config.json")
+
+
 def tiny_config() -> MingConfig:
-    llm = LLMConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=8,
-        num_experts_per_tok=3,
-        moe_intermediate_size=32,
-        num_shared_experts=2,
-    )
-    vision = VisionConfig(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=[1, 3])
-    sanm = SANMConfig(output_size=32, attention_heads=2, linear_units=64, num_blocks=3)
-    audio = AudioConfig(audio_encoder_output_size=32, audio_encoder_config_sanm=sanm)
-    config = MingConfig(llm_config=llm, vision_config=vision, audio_config=audio, mlp_depth=2)
-    config.extra = {
-        "architectures": ["BailingMMNativeForConditionalGeneration"],
-        "model_type": "bailingmm",
-        TINY_MARKER: True,
-    }
+    """The released config.json with every size shrunk; all other fields (token ids, rope, flags) kept."""
+    config = MingConfig.from_file(RELEASE_CONFIG)
+    llm = config.llm_config
+    llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers = 64, 128, 2
+    llm.num_attention_heads, llm.num_key_value_heads = 4, 2
+    llm.num_experts, llm.num_experts_per_tok, llm.moe_intermediate_size = 8, 3, 32
+    vision = config.vision_config
+    vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 4, 32, 48, 2
+    vision.fullatt_block_indexes = [1, 3]
+    audio = config.audio_config
+    audio.audio_encoder_output_size = 32
+    sanm = audio.audio_encoder_config_sanm
+    sanm.output_size, sanm.attention_heads, sanm.linear_units, sanm.num_blocks = 32, 2, 64, 3
+    config.extra[TINY_MARKER] = True
     return config
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ming.generation import SamplingConfig, banned_ngram_tokens, select_next_token
-from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, RMSNorm, SparseMoeBlock, apply_rope, causal_mask
+from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, RMSNorm, SparseMoeBlock, apply_rope, decode_mask, prefill_mask
 from ming.tiny import tiny_config, tiny_tensor
 
 
@@ -20,7 +20,7 @@ def full_logits(llm: BailingMoeForCausalLM, ids: torch.Tensor, router_ids=None) 
     embeds = llm.model.word_embeddings(ids)
     valid = torch.ones_like(ids, dtype=torch.bool)
     positions = torch.arange(ids.shape[1])[None].expand_as(ids)
-    hidden = llm.model(embeds, positions, causal_mask(valid, ids.shape[1]), router_ids)
+    hidden = llm.model(embeds, positions, prefill_mask(valid), router_ids)
     return llm.logits(hidden)
 
 
@@ -88,7 +88,7 @@ def test_kv_cache_decode_equals_full_recompute():
     hidden = llm.model(
         llm.model.word_embeddings(ids[:, :prompt]),
         torch.arange(prompt)[None],
-        causal_mask(valid, prompt),
+        prefill_mask(valid[:, :prompt]),
         None,
         caches,
         torch.arange(prompt),
@@ -99,7 +99,7 @@ def test_kv_cache_decode_equals_full_recompute():
         hidden = llm.model(
             llm.model.word_embeddings(ids[:, i : i + 1]),
             torch.tensor([[i]]),
-            causal_mask(valid, 1, past_len=i),
+            decode_mask(valid),
             None,
             caches,
             torch.tensor([i]),
@@ -130,3 +130,16 @@ def test_sampling_rules():
     assert banned_ngram_tokens([1, 2, 7, 1], 2) == [2]
     guarded = SamplingConfig(no_repeat_ngram_size=2)
     assert select_next_token(logits, guarded, [[1, 1]], None).item() == 2
+
+
+def test_left_padded_row_equals_its_unpadded_run():
+    llm = tiny_llm()
+    ids = torch.randint(0, 126464, (1, 6), generator=torch.Generator().manual_seed(3))
+    want = full_logits(llm, ids)
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], dim=1)
+    batch = torch.cat([padded, torch.randint(0, 126464, (1, 8), generator=torch.Generator().manual_seed(4))])
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[0, :2] = False
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = llm.model(llm.model.word_embeddings(batch), positions, prefill_mask(valid), None)
+    torch.testing.assert_close(llm.logits(hidden)[0, 2:], want[0], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,361 @@
+"""Loading user media (images, videos, audio) into the arrays the processor expects.
+
+Every loader turns a bad input into a `MediaError` (a ValueError) whose message names the file and says what is
+wrong, so the UI can show it as is. The sampling and resizing rules follow the Ming-Lite-Omni-Preview reference:
+  * images: RGB PIL images (the processor resizes them),
+  * video: about 2 frames per second ("duration x 2" frames, uniform bin midpoints), clamped to [4, 128], even,
+    each frame resized bicubic + antialias within per-frame pixel bounds,
+  * audio: float32 mono at 16 kHz, keeping the FIRST channel of multi-channel audio (the reference does not downmix).
+"""
+
+import io
+import math
+import os
+from collections import Counter
+from typing import Union
+
+import av
+import numpy as np
+import soundfile
+import soxr
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+AUDIO_SAMPLE_RATE = 16000
+MIN_AUDIO_SAMPLES = 400  # one 25 ms analysis window at 16 kHz: shorter clips give no feature frames
+
+# Image/video geometry: sides are multiples of 28 (14-pixel patches merged 2x2), aspect ratio at most 200.
+IMAGE_FACTOR = 28
+MAX_ASPECT_RATIO = 200
+
+# Video: ~2 frames per second, between 4 and 128 frames, an even count (frames are paired into temporal patches).
+VIDEO_FPS = 2.0
+VIDEO_MIN_FRAMES = 4
+VIDEO_MAX_FRAMES = 128
+VIDEO_FRAME_FACTOR = 2
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = 9216 * 28 * 28  # budget over all frames: caps a video near 9216 LLM tokens
+VIDEO_RESIZE_CHUNK = 8  # frames resized at a time, to bound the float32 memory of long high-resolution clips
+
+MediaSource = Union[str, os.PathLike, bytes]
+
+
+class MediaError(ValueError):
+    """A media input that cannot be used; the message is meant for the end user."""
+
+
+def _name(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.basename(os.fspath(source)) or os.fspath(source)
+    return "the uploaded data"
+
+
+def _open_source(source: MediaSource):
+    """A path string or a file-like object, for the decoders that accept either."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    path = os.fspath(source)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if not os.path.isfile(path):
+        raise MediaError(f"File not found: '{path}'.")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------- geometry
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: float) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect ratio kept.
+
+    Sides are rounded to the nearest multiple (Python's round, ties to even, as the reference does); if the area is
+    out of bounds both sides are scaled by the same factor and floored (too big) or ceiled (too small).
+    """
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise MediaError(
+            f"The image is {width}x{height} pixels; its aspect ratio must be at most {MAX_ASPECT_RATIO}:1."
+        )
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_frames_bicubic(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize uint8 frames [T, H, W, 3] with antialiased bicubic, exactly like torchvision's uint8 tensor resize.
+
+    torchvision interpolates in float32, clamps to [0, 255], rounds half to even and casts back to uint8.
+    """
+    if frames.shape[1:3] == (height, width):
+        return frames
+    out = np.empty((frames.shape[0], height, width, 3), dtype=np.uint8)
+    for start in range(0, frames.shape[0], VIDEO_RESIZE_CHUNK):
+        chunk = torch.from_numpy(frames[start:start + VIDEO_RESIZE_CHUNK]).permute(0, 3, 1, 2).float()
+        chunk = F.interpolate(chunk, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+        chunk = chunk.clamp_(0, 255).round_().to(torch.uint8)
+        out[start:start + VIDEO_RESIZE_CHUNK] = chunk.permute(0, 2, 3, 1).numpy()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------- images
+
+def load_image(source: Union[MediaSource, Image.Image, np.ndarray]) -> Image.Image:
+    """An RGB PIL image from a path, encoded bytes, a PIL image, or an array [H, W], [H, W, 3|4] (uint8, or float 0..1).
+
+    Files get their EXIF orientation applied. Alpha is dropped (not composited), as the reference's convert("RGB").
+    """
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        return _image_from_array(source)
+    name = _name(source)
+    try:
+        image = Image.open(_open_source(source))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except MediaError:
+        raise
+    except UnidentifiedImageError:
+        raise MediaError(f"Could not read image '{name}': not a supported image file.") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise MediaError(f"Could not read image '{name}': the file is damaged or unsupported ({error}).") from None
+    return image.convert("RGB")
+
+
+def _image_from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)) or array.size == 0:
+        raise MediaError(f"An image array must be [H, W] or [H, W, 3] (or 1/4 channels); got shape {array.shape}.")
+    if array.dtype != np.uint8:
+        array = np.asarray(array, dtype=np.float64)
+        if array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return Image.fromarray(array).convert("RGB")
+
+
+# -------------------------------------------------------------------------------------------------------------- video
+
+def num_video_frames(total_frames: int, fps: float, max_frames: int | None = None) -> int:
+    """Frames to sample: duration x 2, capped at `max_frames` (default 128), at least 4, always even."""
+    at_two_fps = int(total_frames / fps * VIDEO_FPS)
+    cap = max_frames if max_frames is not None else min(VIDEO_MAX_FRAMES, at_two_fps)
+    cap = cap // VIDEO_FRAME_FACTOR * VIDEO_FRAME_FACTOR
+    count = max(min(at_two_fps, cap), VIDEO_MIN_FRAMES)
+    return count // VIDEO_FRAME_FACTOR * VIDEO_FRAME_FACTOR
+
+
+def sample_frame_indices(num_frames: int, total_frames: int) -> list[int]:
+    """Midpoints of `num_frames` equal bins over the clip (bin edges truncated to ints, as numpy's int linspace)."""
+    edges = np.linspace(0, total_frames, num_frames + 1).astype(int)
+    return [int((lo + hi - 1) // 2) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def video_frame_size(height: int, width: int, num_frames: int) -> tuple[int, int]:
+    """Per-frame size: area within [128, min(768, 9216 x 2 / frames)] x 28 x 28 pixels (never below 1.05 x min)."""
+    max_pixels = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / num_frames * VIDEO_FRAME_FACTOR),
+                     int(VIDEO_MIN_PIXELS * 1.05))
+    return smart_resize(height, width, IMAGE_FACTOR, VIDEO_MIN_PIXELS, max_pixels)
+
+
+def load_video(source: MediaSource, max_frames: int | None = None) -> np.ndarray:
+    """Sampled and resized frames, uint8 [T, H, W, 3] (RGB), T even.
+
+    Decoded with decord (the reference's reader, so frames match it to the pixel), falling back to PyAV for files
+    decord cannot open. A clip shorter than 2 s still gives 4 frames (some repeated); the reference instead falls
+    back to reading every frame with torchvision, which this implementation does not copy.
+    """
+    name = _name(source)
+    src = _open_source(source)
+    try:
+        frames = _sample_with_decord(src, max_frames)
+    except MediaError:
+        raise
+    except Exception:
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+        frames = _sample_with_pyav(src, name, max_frames)
+    height, width = video_frame_size(frames.shape[1], frames.shape[2], frames.shape[0])
+    return resize_frames_bicubic(frames, height, width)
+
+
+def _sample_with_decord(src, max_frames: int | None) -> np.ndarray:
+    import decord
+
+    reader = decord.VideoReader(src)
+    total, fps = len(reader), reader.get_avg_fps()
+    if total == 0 or not fps > 0:
+        raise RuntimeError("decord found no frames")
+    indices = sample_frame_indices(num_video_frames(total, fps, max_frames), total)
+    return reader.get_batch(indices).asnumpy()
+
+
+def _sample_with_pyav(src, name: str, max_frames: int | None) -> np.ndarray:
+    try:
+        with av.open(src) as container:
+            if not container.streams.video:
+                raise MediaError(f"Could not read video '{name}': the file has no video stream.")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else 0.0
+            total = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        if total == 0 or fps <= 0:
+            raise MediaError(f"Could not read video '{name}': no decodable frames.")
+        indices = sample_frame_indices(num_video_frames(total, fps, max_frames), total)
+        wanted = Counter(indices)
+        frames = []
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+        with av.open(src) as container:
+            for position, frame in enumerate(container.decode(video=0)):
+                if position in wanted:
+                    frames.extend([frame.to_ndarray(format="rgb24")] * wanted[position])
+                if len(frames) == len(indices):
+                    break
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError) as error:
+        raise MediaError(f"Could not read video '{name}': the file is damaged or not a supported video ({error}).") \
+            from None
+    if not frames:
+        raise MediaError(f"Could not read video '{name}': no decodable frames.")
+    while len(frames) < len(indices):  # the container over-counted frames: repeat the last one
+        frames.append(frames[-1])
+    return np.stack(frames)
+
+
+def video_duration(source: MediaSource) -> float:
+    """Duration in seconds from the container header (no decoding), for cheap pre-checks."""
+    name = _name(source)
+    try:
+        with av.open(_open_source(source)) as container:
+            if not container.streams.video:
+                raise MediaError(f"Could not read video '{name}': the file has no video stream.")
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return container.duration / av.time_base
+            if stream.frames and stream.average_rate:
+                return stream.frames / float(stream.average_rate)
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise MediaError(f"Could not read video '{name}': the file is damaged or not a supported video ({error}).") \
+            from None
+    raise MediaError(f"Could not read video '{name}': its duration is unknown.")
+
+
+# -------------------------------------------------------------------------------------------------------------- audio
+
+AudioSource = Union[MediaSource, tuple]
+LOSSLESS_SOUNDFILE_FORMATS = {"WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64"}
+
+
+def load_audio(source: AudioSource) -> np.ndarray:
+    """Float32 mono waveform at 16 kHz from a file path, encoded bytes, or a (sample_rate, samples) tuple.
+
+    Any format FFmpeg reads works (wav, flac, ogg, mp3, m4a/aac, webm, ...). Multi-channel audio keeps its FIRST
+    channel, as the reference does (no downmix). Integer samples are scaled to [-1, 1). Resampling uses soxr.
+    """
+    if isinstance(source, tuple):
+        sample_rate, samples = source
+        name = "the recorded audio"
+        waveform = _first_channel_from_array(np.asarray(samples), name)
+    else:
+        name = _name(source)
+        waveform, sample_rate = _decode_audio(_open_source(source), name)
+    if waveform.size < 1:
+        raise MediaError(f"Audio '{name}' contains no samples.")
+    if sample_rate != AUDIO_SAMPLE_RATE:
+        waveform = soxr.resample(waveform, sample_rate, AUDIO_SAMPLE_RATE)
+    if waveform.size < MIN_AUDIO_SAMPLES:
+        raise MediaError(f"Audio '{name}' is too short ({1000 * waveform.size / AUDIO_SAMPLE_RATE:.0f} ms); "
+                         f"at least {1000 * MIN_AUDIO_SAMPLES // AUDIO_SAMPLE_RATE} ms is needed.")
+    return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def _first_channel_from_array(samples: np.ndarray, name: str) -> np.ndarray:
+    if samples.ndim == 2:
+        # [samples, channels] (Gradio) or [channels, samples] (torchaudio): channels is the short axis.
+        samples = samples[:, 0] if samples.shape[0] >= samples.shape[1] else samples[0]
+    elif samples.ndim != 1:
+        raise MediaError(f"Audio '{name}' must be 1-D or 2-D samples; got shape {samples.shape}.")
+    if np.issubdtype(samples.dtype, np.integer):
+        return samples.astype(np.float32) / float(2 ** (8 * samples.dtype.itemsize - 1))
+    return samples.astype(np.float32)
+
+
+def _decode_audio(src, name: str) -> tuple[np.ndarray, int]:
+    # Lossless containers are read with libsndfile (exact and fast); everything else (mp3, ogg, m4a, aac, webm, ...)
+    # goes through FFmpeg, the decoder the reference's torchaudio uses too.
+    try:
+        if soundfile.info(src).format in LOSSLESS_SOUNDFILE_FORMATS:
+            if isinstance(src, io.BytesIO):
+                src.seek(0)
+            samples, sample_rate = soundfile.read(src, dtype="float32", always_2d=True)
+            return samples[:, 0], sample_rate
+    except Exception:
+        pass
+    if isinstance(src, io.BytesIO):
+        src.seek(0)
+    try:
+        with av.open(src) as container:
+            if not container.streams.audio:
+                raise MediaError(f"Could not read audio '{name}': the file has no audio stream.")
+            stream = container.streams.audio[0]
+            to_float = av.AudioResampler(format="fltp")  # planar float, original layout and rate
+            chunks, sample_rate = [], stream.rate
+            for frame in container.decode(stream):
+                for converted in to_float.resample(frame):
+                    chunks.append(converted.to_ndarray()[0])
+                    sample_rate = converted.sample_rate
+            for converted in to_float.resample(None):
+                chunks.append(converted.to_ndarray()[0])
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise MediaError(f"Could not read audio '{name}': the file is damaged or not a supported audio format "
+                         f"({error}).") from None
+    if not chunks:
+        raise MediaError(f"Could not read audio '{name}': no decodable audio.")
+    return np.concatenate(chunks).astype(np.float32), int(sample_rate)
+
+
+def audio_duration(source: MediaSource) -> float:
+    """Duration in seconds from the file header where possible (decodes only when the header lacks it)."""
+    name = _name(source)
+    src = _open_source(source)
+    try:
+        info = soundfile.info(src)
+        if info.frames > 0 and info.samplerate > 0:
+            return info.frames / info.samplerate
+    except Exception:
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+    try:
+        with av.open(src) as container:
+            if not container.streams.audio:
+                raise MediaError(f"Could not read audio '{name}': the file has no audio stream.")
+            stream = container.streams.audio[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return container.duration / av.time_base
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise MediaError(f"Could not read audio '{name}': the file is damaged or not a supported audio format "
+                         f"({error}).") from None
+    if isinstance(src, io.BytesIO):
+        src.seek(0)
+    waveform, sample_rate = _decode_audio(src, name)
+    return waveform.size / sample_rate
