@@ -63,11 +63,11 @@ def read_cmvn(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
 def _float32_text(value: float) -> str:
     """The shortest decimal that reads back as the same float32, so files stay small and round-trip exactly."""
     target = torch.tensor(value, dtype=torch.float32)
-    for digits in range(6, 10):
+    for digits in range(6, 9):
         text = f"{value:.{digits}g}"
         if torch.tensor(float(text), dtype=torch.float32) == target:
             return text
-    return f"{value:.9g}"  # 9 significant digits always identify a float32 (not reached for finite values)
+    return f"{value:.9g}"  # 9 significant digits always identify a float32
 
 
 def write_cmvn(path: str | os.PathLike, shift: torch.Tensor, scale: torch.Tensor) -> None:
@@ -119,16 +119,17 @@ def num_audio_tokens(num_samples: int) -> int:
     return -(-num_fbank_frames(num_samples) // LFR_N)  # ceil: the last LFR frame is completed by repetition
 
 
-def _mel(freq: torch.Tensor | float) -> torch.Tensor | float:
-    if isinstance(freq, torch.Tensor):
-        return 1127.0 * (1.0 + freq / 700.0).log()
-    return 1127.0 * math.log(1.0 + freq / 700.0)
+def _mel(hz: torch.Tensor) -> torch.Tensor:
+    """Kaldi's mel scale."""
+    return 1127.0 * (1.0 + hz / 700.0).log()
 
 
 def kaldi_mel_banks() -> torch.Tensor:
     """Triangular filters [80, 257] over the power spectrum, equally spaced on Kaldi's mel scale from 20 Hz to
     Nyquist. Computed in float32 in the same order as torchaudio's Kaldi port, to match it to the last bit."""
-    mel_low, mel_high = _mel(LOW_FREQ), _mel(SAMPLE_RATE / 2)
+    # Band edges as Python floats (float64), FFT bin frequencies as float32 tensors: torchaudio's precision.
+    mel_low = 1127.0 * math.log(1.0 + LOW_FREQ / 700.0)
+    mel_high = 1127.0 * math.log(1.0 + (SAMPLE_RATE / 2) / 700.0)
     mel_step = (mel_high - mel_low) / (NUM_MEL_BINS + 1)
     bin_index = torch.arange(NUM_MEL_BINS).unsqueeze(1)
     left = mel_low + bin_index * mel_step
@@ -181,10 +182,12 @@ class AudioFrontend:
         shift: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
     ):
-        if (cmvn_file is None) == (shift is None or scale is None):
-            raise ValueError("give either cmvn_file or both shift and scale")
         if cmvn_file is not None:
+            if shift is not None or scale is not None:
+                raise ValueError("give either cmvn_file or shift and scale, not both")
             shift, scale = read_cmvn(cmvn_file)
+        elif shift is None or scale is None:
+            raise ValueError("give cmvn_file, or both shift and scale")
         if shift.numel() != FEATURE_DIM or scale.numel() != FEATURE_DIM:
             raise ValueError(f"CMVN vectors must have {FEATURE_DIM} values, got {shift.numel()} and {scale.numel()}")
         self.shift = shift.detach().float().reshape(-1)
@@ -295,8 +298,11 @@ class SANMEncoder(nn.Module):
 
     def __init__(self, config: SANMConfig):
         super().__init__()
-        if not config.normalize_before:
-            raise ValueError("only the pre-norm SANM encoder (normalize_before=True) is implemented")
+        # The release's variant; other funasr options (subsampling input layers, post-norm) are not implemented.
+        variant = (config.extra.get("input_layer", "pe"), config.extra.get("selfattention_layer_type", "sanm"))
+        if variant != ("pe", "sanm") or not config.normalize_before:
+            raise ValueError(f"unsupported SANM variant: input_layer/selfattention_layer_type {variant}, "
+                             f"normalize_before={config.normalize_before}")
         self.config = config
         self.encoders0 = nn.ModuleList([SANMBlock(config.input_size, config)])
         self.encoders = nn.ModuleList([SANMBlock(config.output_size, config) for _ in range(config.num_blocks - 1)])
@@ -316,5 +322,5 @@ class SANMEncoder(nn.Module):
         x = x + sinusoidal_position_encoding(length, feats.shape[-1]).to(feats.device, feats.dtype)
         for block in [*self.encoders0, *self.encoders]:
             x = block(x, key_mask)
-        hidden = self.after_norm(x) * key_mask.unsqueeze(-1).to(x.dtype)
+        hidden = self.after_norm(x).masked_fill(~key_mask.unsqueeze(-1), 0.0)
         return hidden, lengths

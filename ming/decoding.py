@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .generation import SamplingConfig, select_next_token
-from .llm import BailingMoeForCausalLM, decode_mask, prefill_mask
+from .llm import BailingMoeForCausalLM, decode_mask, prefill_mask, use_grouped_mm
 
 if TYPE_CHECKING:
     from .modeling import MingOmni
@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 MIN_BUCKET = 1024
 
 
-def cuda_graphs_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
+def cuda_graphs_enabled(model: "MingOmni") -> bool:
+    """Graphs need a decode step without host syncs: the bf16 GPU experts path (grouped GEMM / Triton GEMV)."""
+    probe = torch.empty(0, device=model.device, dtype=model.dtype)
+    return use_grouped_mm(probe) and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
 
 
 class DecodeStep:
@@ -83,7 +85,7 @@ def decode_step_for(model: "MingOmni", batch: int, needed: int) -> DecodeStep:
     """A DecodeStep whose cache holds `needed` slots. On CUDA, steps are kept per (batch, power-of-two bucket) and
     reused across requests; elsewhere each generation gets a cache of exactly the size it needs."""
     llm, device = model.model, model.device
-    if not cuda_graphs_enabled(device):
+    if not cuda_graphs_enabled(model):
         return DecodeStep(llm, batch, needed, model.dtype, device, use_graph=False)
     limit = model.config.llm_config.max_position_embeddings
     if needed > limit:

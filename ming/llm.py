@@ -19,6 +19,11 @@ from torch import nn
 
 from .configs import LLMConfig
 
+try:  # Triton comes with CUDA builds of torch; the CPU path never needs it.
+    from .kernels import moe_gemv
+except ImportError:
+    moe_gemv = None
+
 TEXT, IMAGE, AUDIO = 0, 1, 2  # router ids: which gate a token is routed by
 
 
@@ -98,11 +103,22 @@ class Attention(nn.Module):
             cache.k.index_copy_(2, cache_position, k)
             cache.v.index_copy_(2, cache_position, v)
             if L == 1:
-                k, v = cache.k, cache.v
+                return self.dense(self._decode_attention(q, cache, mask).reshape(B, 1, -1))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.dense(out.transpose(1, 2).reshape(B, L, -1))
+
+
+    def _decode_attention(self, q: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
+        """One query per row over the whole cache. The query heads of a KV group attend together, so each cached
+        key and value is read once (no repeated KV heads), which is what a memory-bound step wants."""
+        B, groups = q.shape[0], self.num_heads // self.num_kv_heads
+        q = q.view(B, self.num_kv_heads, groups, self.head_dim)
+        scores = (q @ cache.k.transpose(-1, -2)).float() / self.head_dim**0.5  # [B, kv, groups, S]
+        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+        out = scores.softmax(dim=-1).to(q.dtype) @ cache.v  # [B, kv, groups, D]
+        return out.view(B, self.num_heads, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -175,11 +191,14 @@ class Experts(nn.Module):
         is accumulated in float32, as the release does.
         """
         T, k = topk_idx.shape
+        gpu = use_grouped_mm(x)
+        if gpu and T * k <= 64 and moe_gemv is not None:  # decode: a few tokens, read only their experts
+            return moe_gemv(x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj)
         flat_expert = topk_idx.reshape(-1)
         order = flat_expert.argsort(stable=True)
         token_of = order // k
         weights = topk_weight.reshape(-1)[order]
-        if use_grouped_mm(x):
+        if gpu:
             return self._grouped(x, flat_expert, token_of, weights)
         out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
         counts = torch.bincount(flat_expert, minlength=self.gate_proj.shape[0]).tolist()

@@ -155,9 +155,11 @@ def num_video_frames(total_frames: int, fps: float, max_frames: int | None = Non
 
 
 def sample_frame_indices(num_frames: int, total_frames: int) -> list[int]:
-    """Midpoints of `num_frames` equal bins over the clip (bin edges truncated to ints, as numpy's int linspace)."""
+    """Midpoints of `num_frames` equal bins over the clip (bin edges truncated to ints, as numpy's int linspace).
+
+    With more bins than frames some bins are empty; they take their left edge (the reference would produce -1)."""
     edges = np.linspace(0, total_frames, num_frames + 1).astype(int)
-    return [int((lo + hi - 1) // 2) for lo, hi in zip(edges[:-1], edges[1:])]
+    return [min(max(int(lo), int((lo + hi - 1) // 2)), total_frames - 1) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
 def video_frame_size(height: int, width: int, num_frames: int) -> tuple[int, int]:

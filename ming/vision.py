@@ -40,8 +40,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, cast back, then scale (the release's rounding order in bfloat16).
-        x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -58,14 +57,14 @@ class PatchEmbed(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x [tokens, heads, head_dim]` by per-token angles (`cos`, `sin`: float32 `[tokens, head_dim]`).
+    """Rotate `x [tokens, ..., head_dim]` by per-token angles; `cos`, `sin` are float32 and broadcast against `x`.
 
     Rotation pairs are (i, i + head_dim / 2), as in `rotate_half` RoPE. Computed in float32.
     """
     x_float = x.float()
     half = x.shape[-1] // 2
     rotated_half = torch.cat((-x_float[..., half:], x_float[..., :half]), dim=-1)
-    return (x_float * cos[:, None] + rotated_half * sin[:, None]).to(x.dtype)
+    return (x_float * cos + rotated_half * sin).to(x.dtype)
 
 
 class AttentionSegments:
@@ -99,14 +98,15 @@ class VisionAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: AttentionSegments
     ) -> torch.Tensor:
         num_tokens, hidden = x.shape
-        q, k, v = self.qkv(x).view(num_tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(num_tokens, 3, self.num_heads, self.head_dim)
+        # Queries and keys get the same rotation: rotate both in one pass ([tokens, 2, heads, head_dim]).
+        qk = apply_rotary(qkv[:, :2], cos, sin)
+        v = qkv[:, 2]
 
         out = x.new_empty(num_tokens, hidden)
         for index in segments.groups:
-            # [runs, length, heads, head_dim] -> [runs, heads, length, head_dim]
-            q_runs, k_runs, v_runs = (t[index].transpose(1, 2) for t in (q, k, v))
+            q_runs, k_runs = qk[index].permute(2, 0, 3, 1, 4)  # each [runs, heads, length, head_dim]
+            v_runs = v[index].transpose(1, 2)
             attended = F.scaled_dot_product_attention(q_runs, k_runs, v_runs)
             out[index.flatten()] = attended.transpose(1, 2).reshape(-1, hidden)
         return self.proj(out)
@@ -164,7 +164,7 @@ class VisionLayout:
     """Everything about token order and attention ranges that depends only on `grid_thw`; shared by all blocks."""
 
     unit_order: torch.Tensor  # [units]: input index of the unit at each position of the window-ordered sequence
-    cos: torch.Tensor  # [patches, head_dim] float32, window order
+    cos: torch.Tensor  # [patches, 1, 1, head_dim] float32, window order; broadcasts over (query/key, heads)
     sin: torch.Tensor
     window_segments: AttentionSegments
     frame_segments: AttentionSegments
@@ -241,7 +241,8 @@ class VisionEncoder(nn.Module):
 
         unit_order = torch.cat(unit_orders)
         # Angles follow their patches into window order.
-        angles = torch.cat(angle_parts).view(-1, self.unit_size, self.head_dim)[unit_order].flatten(0, 1)
+        angles = torch.cat(angle_parts).view(-1, self.unit_size, self.head_dim)[unit_order]
+        angles = angles.view(-1, 1, 1, self.head_dim)
         return VisionLayout(
             unit_order=unit_order.to(device),
             cos=angles.cos().to(device),

@@ -45,7 +45,7 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def tiny_encoder(goldens) -> SANMEncoder:
     encoder = SANMEncoder(TINY_SANM).eval()
     weights = {k.removeprefix("sanm."): v for k, v in goldens.items() if k.startswith("sanm.")}
-    encoder.load_state_dict(weights, strict=True)  # strict: our parameter names are funasr's
+    encoder.load_state_dict(weights, strict=True)  # strict: our parameter names are funasr's, all of them
     return encoder
 
 
@@ -174,9 +174,10 @@ def test_encoder_parameter_names_are_the_release_keys():
     assert shapes["encoders.48.feed_forward.w_2.bias"] == (512,)
     assert shapes["after_norm.bias"] == (512,)
     assert "encoders.49.norm1.weight" not in shapes
-    per_block = {"norm1", "norm2", "self_attn.linear_q_k_v", "self_attn.linear_out", "feed_forward.w_1", "feed_forward.w_2"}
-    expected = {f"{prefix}.{m}.{p}" for prefix in ["encoders0.0", *(f"encoders.{i}" for i in range(49))]
-                for m in per_block for p in ("weight", "bias")}
-    expected |= {f"{prefix}.self_attn.fsmn_block.weight" for prefix in ["encoders0.0", *(f"encoders.{i}" for i in range(49))]}
+    blocks = ["encoders0.0", *(f"encoders.{i}" for i in range(49))]
+    with_bias = ["norm1", "norm2", "self_attn.linear_q_k_v", "self_attn.linear_out", "feed_forward.w_1",
+                 "feed_forward.w_2"]
+    expected = {f"{block}.{module}.{p}" for block in blocks for module in with_bias for p in ("weight", "bias")}
+    expected |= {f"{block}.self_attn.fsmn_block.weight" for block in blocks}
     expected |= {"after_norm.weight", "after_norm.bias"}
     assert set(shapes) == expected

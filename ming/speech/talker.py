@@ -1,0 +1,443 @@
+"""The talker: a small Qwen2 language model that reads the reply text and writes S3-BPE speech tokens.
+
+Inputs are two token streams summed per position (both look up the same embedding table):
+  audio stream  <prompt></prompt><thinker_prefix> <audio_pad>×T </thinker_prefix><vp><audio_pad></vp> <audio_bos> s1 s2 ...
+  text stream   <prompt></prompt><thinker_prefix> <audio_pad>×T </thinker_prefix><vp><audio_pad></vp> t0          t1 t2 ... <text_eos> <text_pad> ...
+The T `<audio_pad>` slots after `<thinker_prefix>` are overwritten by `thinker_to_talker_proj(thinker_states)` (the
+thinker's prompt: input embeddings + last hidden states; T = 0 for plain text-to-speech), and the slot inside `<vp>`
+by `vp_head(speaker_embedding)`. From `<audio_bos>` on, each step feeds the audio token just sampled plus the next
+text token; sampling is top-k 20 at temperature 1 and stops at `<audio_eos>`.
+
+Everything up to `</vp>` depends only on the thinker states and the voice, not on the sentence being spoken, so it is
+run once per reply and kept in the KV cache (`TalkerContext`); each sentence starts from that cached prefix.
+
+Positions run 0, 1, 2, ... over prefix and generated tokens, as in the reference's `forward()` and its later releases.
+(The Preview's `omni_tts_binary_generation` gives every prefix token the position of the last one; v1.5 fixed it.)
+
+Weights: the talker is a submodule of the release's model, so its tensors are in the main safetensors under
+`talker.` (`talker.model.model.*`, `talker.model.lm_head.weight`, `talker.thinker_to_talker_proj.*`,
+`talker.vp_head.*`); `talker/` holds the Qwen2 `config.json` and the text tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from tokenizers import Tokenizer
+from torch import nn
+
+from ..loading import CheckpointError, checkpoint_files, materialize, params_on_meta
+
+WEIGHT_PREFIX = "talker."
+TOP_K = 20
+MAX_NEW_TOKENS = 1000  # the reference's cap (about 30 s of speech)
+MIN_NEW_TOKENS = 10  # later releases refuse <audio_eos> this early; it keeps a sentence from coming out silent
+
+
+# ---------------------------------------------------------------------------------------------------- text tokenizer
+class TalkerTokenizer:
+    """The talker's Qwen2 text tokenizer (`talker/tokenizer.json`) and the control tokens of the prefix layout.
+
+    Audio tokens follow the text vocabulary: talker id = `audio_offset` + S3-BPE id."""
+
+    CONTROL_TOKENS = (
+        "<prompt>", "</prompt>", "<thinker_prefix>", "</thinker_prefix>", "<vp>", "</vp>",
+        "<audio_pad>", "<audio_bos>", "<audio_eos>", "<text_eos>", "<text_pad>",
+    )  # fmt: skip
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        missing = [t for t in self.CONTROL_TOKENS if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"talker tokenizer lacks the control tokens {missing}")
+        self.ids = {t: tokenizer.token_to_id(t) for t in self.CONTROL_TOKENS}
+        self.audio_offset = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.special_ids = {i for i, added in tokenizer.get_added_tokens_decoder().items() if added.special}
+
+    @classmethod
+    def from_dir(cls, talker_dir: str | os.PathLike) -> "TalkerTokenizer":
+        return cls(Tokenizer.from_file(os.path.join(talker_dir, "tokenizer.json")))
+
+    def encode(self, text: str) -> list[int]:
+        """Text ids; special tokens typed into the text (e.g. a literal "<audio_eos>") are dropped, not obeyed."""
+        return [i for i in self.tokenizer.encode(text, add_special_tokens=False).ids if i not in self.special_ids]
+
+    def shared_prefix(self, thinker_length: int) -> "PrefixLayout":
+        """The prefix up to `</vp>` (identical in both streams)."""
+        t = self.ids
+        ids = [t["<prompt>"], t["</prompt>"], t["<thinker_prefix>"]]
+        thinker_start = len(ids)
+        ids += [t["<audio_pad>"]] * thinker_length + [t["</thinker_prefix>"], t["<vp>"]]
+        speaker_index = len(ids)
+        ids += [t["<audio_pad>"], t["</vp>"]]
+        return PrefixLayout(ids, thinker_start, thinker_length, speaker_index)
+
+
+@dataclass
+class PrefixLayout:
+    ids: list[int]
+    thinker_start: int  # first of the `thinker_length` slots filled from the thinker states
+    thinker_length: int
+    speaker_index: int  # the slot filled from the speaker embedding
+
+
+# ---------------------------------------------------------------------------------------------------- Qwen2 LM
+@dataclass
+class TalkerLMConfig:
+    """The fields of `talker/config.json` (a Qwen2 config) that the model uses."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TalkerLMConfig":
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{path}: sliding-window attention is not supported by the talker")
+        rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{path}: only plain RoPE is supported, got {rope}")
+        theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+        names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        return cls(
+            **{n: raw[n] for n in names},
+            num_key_value_heads=raw.get("num_key_value_heads", raw["num_attention_heads"]),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer, [1, kv_heads, capacity, head_dim]; positions < `length` are valid.
+    Rolling back to a shorter prefix is just lowering `length`."""
+
+    def __init__(self, config: TalkerLMConfig, capacity: int, dtype: torch.dtype, device: torch.device):
+        shape = (1, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = 0
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more positions."""
+        capacity = self.keys[0].shape[2]
+        if self.length + extra <= capacity:
+            return
+        grow = max(self.length + extra - capacity, capacity)
+        for buffers in (self.keys, self.values):
+            for i, buf in enumerate(buffers):
+                buffers[i] = torch.cat([buf, buf.new_zeros(*buf.shape[:2], grow, buf.shape[3])], dim=2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TalkerLMConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int
+    ) -> torch.Tensor:
+        """x: [1, n, H], the n positions after the `cache.length` cached ones."""
+        _, n, _ = x.shape
+        q = self.q_proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+
+        start, end = cache.length, cache.length + n
+        cache.keys[layer][:, :, start:end] = k
+        cache.values[layer][:, :, start:end] = v
+        k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+
+        # One new position sees everything cached; several see the cache plus their own causal past.
+        mask = None
+        if n > 1:
+            query_pos = torch.arange(start, end, device=x.device)[:, None]
+            mask = torch.arange(end, device=x.device)[None, :] <= query_pos
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(1, n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TalkerLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TalkerLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Decoder(nn.Module):
+    """Embedding table, decoder layers and final norm (the release's `talker.model.model`)."""
+
+    def __init__(self, config: TalkerLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, inputs_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run n new positions (after the cached ones) and append them to the cache. Returns [1, n, H]."""
+        n = inputs_embeds.shape[1]
+        cache.reserve(n)
+        positions = torch.arange(cache.length, cache.length + n, device=inputs_embeds.device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
+        h = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache, i)
+        cache.length += n
+        return self.norm(h)
+
+
+class TalkerLM(nn.Module):
+    """Qwen2 decoder plus output head (the release's `talker.model`, a `Qwen2ForCausalLM`)."""
+
+    def __init__(self, config: TalkerLMConfig):
+        super().__init__()
+        self.model = Qwen2Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+# ---------------------------------------------------------------------------------------------------- the talker
+@dataclass
+class TalkerContext:
+    """The KV cache of a reply's shared prefix (thinker states + voice); sentences are generated after it."""
+
+    cache: KVCache
+    prefix_length: int
+
+
+class Talker(nn.Module):
+    def __init__(
+        self,
+        config: TalkerLMConfig,
+        tokenizer: TalkerTokenizer,
+        thinker_hidden_size: int,
+        speaker_dim: int = 192,
+        speaker_kernel: int = 1,
+    ):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model = TalkerLM(config)
+        self.thinker_to_talker_proj = nn.Linear(thinker_hidden_size, config.hidden_size)
+        self.vp_head = nn.Conv1d(speaker_dim, config.hidden_size, speaker_kernel, padding=speaker_kernel // 2)
+        if tokenizer.audio_offset >= config.vocab_size:
+            raise ValueError(f"talker vocab {config.vocab_size} leaves no room for audio tokens after the text vocab")
+
+    @property
+    def device(self) -> torch.device:
+        return self.thinker_to_talker_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.thinker_to_talker_proj.weight.dtype
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls, ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "Talker":
+        """Config and tokenizer from `ckpt_dir/talker/`, weights from the `talker.*` keys of the checkpoint's
+        safetensors. Sizes not in the Qwen2 config (vocab, thinker width, speaker width) are read off the weights."""
+        ckpt_dir = os.fspath(ckpt_dir)
+        talker_dir = os.path.join(ckpt_dir, "talker")
+        weights = read_talker_weights(ckpt_dir)
+        config = TalkerLMConfig.from_file(os.path.join(talker_dir, "config.json"))
+        # The release's config.json is the base Qwen2 one; the model's table was resized to text + audio vocab.
+        config.vocab_size = weights["model.model.embed_tokens.weight"].shape[0]
+        speaker_head = weights["vp_head.weight"]  # [hidden, speaker_dim, kernel]
+        with params_on_meta():
+            talker = cls(
+                config,
+                TalkerTokenizer.from_dir(talker_dir),
+                thinker_hidden_size=weights["thinker_to_talker_proj.weight"].shape[1],
+                speaker_dim=speaker_head.shape[1],
+                speaker_kernel=speaker_head.shape[2],
+            )
+        materialize(talker, device, dtype)
+        talker.load_weights(weights)
+        return talker.eval()
+
+    @torch.inference_mode()
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy `weights` (keys without the `talker.` prefix) into the parameters; raise on any mismatch."""
+        params = dict(self.named_parameters())
+        tied = self.config.tie_word_embeddings and "model.lm_head.weight" not in weights
+        expected = set(params) - ({"model.lm_head.weight"} if tied else set())
+        missing = sorted(expected - set(weights))
+        unexpected = sorted(set(weights) - set(params))
+        mis_shaped = [k for k in expected & set(weights) if weights[k].shape != params[k].shape]
+        if missing or unexpected or mis_shaped:
+            raise CheckpointError(
+                f"talker weights do not match: missing {missing}, unexpected {unexpected}, wrong shape {mis_shaped}"
+            )
+        for key in expected:
+            params[key].copy_(weights[key])
+        if tied:
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed_streams(self, audio_ids: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+        """[1, n] audio-stream ids + [1, n] text-stream ids -> [1, n, H] summed embeddings."""
+        table = self.model.model.embed_tokens
+        return table(audio_ids) + table(text_ids)
+
+    def embed_prefix(self, speaker_embedding: torch.Tensor, thinker_states: torch.Tensor | None) -> torch.Tensor:
+        """The shared prefix as embeddings [1, P, H], conditioning slots filled.
+
+        speaker_embedding: [1, speaker_dim]; thinker_states: [1, T, thinker_hidden] or None."""
+        thinker_length = 0 if thinker_states is None else thinker_states.shape[1]
+        layout = self.tokenizer.shared_prefix(thinker_length)
+        ids = torch.tensor([layout.ids], device=self.device)
+        embeds = self.embed_streams(ids, ids)  # both streams carry the same tokens here
+        speaker = speaker_embedding.to(self.device, self.dtype).reshape(1, -1, 1)  # Conv1d over a length-1 sequence
+        embeds[:, layout.speaker_index] = self.vp_head(speaker)[:, :, 0]
+        if thinker_states is not None:
+            start, end = layout.thinker_start, layout.thinker_start + thinker_length
+            embeds[:, start:end] = self.thinker_to_talker_proj(thinker_states.to(self.device, self.dtype))
+        return embeds
+
+    def new_cache(self, extra_positions: int) -> KVCache:
+        return KVCache(self.config, extra_positions, self.dtype, self.device)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def start(
+        self, speaker_embedding: torch.Tensor, thinker_states: torch.Tensor | None = None, max_new_tokens: int = MAX_NEW_TOKENS
+    ) -> TalkerContext:
+        """Run the shared prefix once; `generate` then speaks any number of sentences after it."""
+        embeds = self.embed_prefix(speaker_embedding, thinker_states)
+        cache = self.new_cache(embeds.shape[1] + max_new_tokens + 1)
+        self.model.model(embeds, cache)
+        return TalkerContext(cache, cache.length)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        context: TalkerContext,
+        text: str,
+        generator: torch.Generator | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        min_new_tokens: int = MIN_NEW_TOKENS,
+        stop_event: threading.Event | None = None,
+    ) -> list[int]:
+        """S3-BPE ids (audio offset removed) for one sentence, spoken after the context's prefix."""
+        text_ids = self.tokenizer.encode(text)
+        if not text_ids:
+            raise ValueError(f"nothing to speak in {text!r}")
+        ids = self.tokenizer.ids
+        eos = ids["<audio_eos>"]
+        upcoming_text = text_ids[1:] + [ids["<text_eos>"]]
+        context.cache.length = context.prefix_length  # forget the previous sentence
+        audio_in, text_in = ids["<audio_bos>"], text_ids[0]
+        spoken: list[int] = []
+        for step in range(max_new_tokens):
+            if stop_event is not None and stop_event.is_set():
+                break
+            step_ids = torch.tensor([[audio_in, text_in]], device=self.device)
+            hidden = self.model.model(self.embed_streams(step_ids[:, :1], step_ids[:, 1:]), context.cache)
+            token = self.sample(self.logits(hidden[0, -1]), generator, allow_eos=step >= min_new_tokens)
+            if token == eos:
+                break
+            spoken.append(token - self.tokenizer.audio_offset)
+            audio_in = token
+            text_in = upcoming_text.pop(0) if upcoming_text else ids["<text_pad>"]
+        return spoken
+
+    def sample(self, logits: torch.Tensor, generator: torch.Generator | None, allow_eos: bool) -> int:
+        """Top-k 20 sampling at temperature 1 over the audio tokens (and `<audio_eos>` when allowed).
+
+        Text ids are never valid output here (they would not decode to speech), so they are excluded up front."""
+        eos = self.tokenizer.ids["<audio_eos>"]
+        offset = self.tokenizer.audio_offset
+        allowed = torch.full_like(logits, float("-inf"))
+        allowed[offset:] = logits[offset:]
+        if allow_eos:
+            allowed[eos] = logits[eos]
+        top_values, top_ids = allowed.topk(TOP_K)
+        # Drawn on the CPU so a CPU generator gives the same tokens whatever device the talker runs on.
+        choice = torch.multinomial(torch.softmax(top_values.cpu(), dim=-1), 1, generator=generator)
+        return int(top_ids[choice.item()])
+
+
+def read_talker_weights(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every `talker.*` tensor of the checkpoint's safetensors, keyed without the prefix (CPU, stored dtype)."""
+    weights: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(os.fspath(ckpt_dir)):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.startswith(WEIGHT_PREFIX):
+                    weights[key[len(WEIGHT_PREFIX) :]] = f.get_tensor(key)
+    if not weights:
+        raise CheckpointError(
+            f"{ckpt_dir} has no talker weights (no '{WEIGHT_PREFIX}*' keys in its safetensors): this checkpoint "
+            "cannot speak"
+        )
+    return weights
