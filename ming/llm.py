@@ -20,9 +20,9 @@ from torch import nn
 from .configs import LLMConfig
 
 try:  # Triton comes with CUDA builds of torch; the CPU path never needs it.
-    from .kernels import moe_gemv
+    from . import kernels
 except ImportError:
-    moe_gemv = None
+    kernels = None
 
 TEXT, IMAGE, AUDIO = 0, 1, 2  # router ids: which gate a token is routed by
 
@@ -34,11 +34,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32, scale in the input dtype (the release's order of operations).
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)): the residual add and the next norm, one kernel on the GPU."""
+        if use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps, delta=delta)
+        x = x + delta
+        return x, self(x)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,9 +105,12 @@ class Attention(nn.Module):
         attends over the whole cache ([B, 1, 1, S] mask, S = cache length)."""
         B, L, _ = x.shape
         qkv = self.query_key_value(x).view(B, L, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        if use_triton(x):
+            kernels.rope_(qkv, *rope, rotated_heads=self.num_heads + self.num_kv_heads)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if not use_triton(x):
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             cache.k.index_copy_(2, cache_position, k)
             cache.v.index_copy_(2, cache_position, v)
@@ -192,8 +204,6 @@ class Experts(nn.Module):
         """
         T, k = topk_idx.shape
         gpu = use_grouped_mm(x)
-        if gpu and T * k <= 64 and moe_gemv is not None:  # decode: a few tokens, read only their experts
-            return moe_gemv(x, topk_idx, topk_weight, self.gate_proj, self.up_proj, self.down_proj)
         flat_expert = topk_idx.reshape(-1)
         order = flat_expert.argsort(stable=True)
         token_of = order // k
@@ -228,6 +238,11 @@ class Experts(nn.Module):
         out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
         out.index_add_(0, token_of, h.float() * weights[:, None])
         return out.to(x.dtype)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The fused GPU kernels of ming/kernels.py serve the same bf16 Hopper path as the grouped GEMMs."""
+    return kernels is not None and use_grouped_mm(x)
 
 
 def use_grouped_mm(x: torch.Tensor) -> bool:
@@ -269,6 +284,8 @@ class SparseMoeBlock(nn.Module):
                 rows = (router_ids == modality).nonzero().squeeze(-1)
                 if rows.numel():
                     logits[rows] = gate.logits(x[rows])
+        if use_triton(x):
+            return kernels.route_topk(logits, self.top_k, self.top_k > 1 and self.norm_topk_prob)
         scores = logits.softmax(dim=-1, dtype=torch.float32)
         topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
         if self.top_k > 1 and self.norm_topk_prob:
@@ -279,6 +296,12 @@ class SparseMoeBlock(nn.Module):
         B, L, H = x.shape
         flat = x.reshape(-1, H)
         topk_idx, topk_weight = self.route(flat, None if router_ids is None else router_ids.reshape(-1))
+        if use_triton(x) and B * L * self.top_k <= 64:
+            # Decode: read only the chosen experts' rows, the shared expert in the same two kernels.
+            e, shared = self.experts, self.shared_experts
+            shared_weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+            y = kernels.moe_gemv(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights)
+            return y.view(B, L, H)
         y = self.experts(flat, topk_idx, topk_weight).view(B, L, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -297,8 +320,8 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoeBlock(config)
 
     def forward(self, x, rope, mask, router_ids, cache=None, cache_position=None) -> torch.Tensor:
-        x = x + self.attention(self.input_layernorm(x), rope, mask, cache, cache_position)
-        h = self.post_attention_layernorm(x)
+        attention = self.attention(self.input_layernorm(x), rope, mask, cache, cache_position)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attention)
         h = self.mlp(h, router_ids) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(h)
         return x + h
 

@@ -12,7 +12,8 @@ import io
 import math
 import os
 from collections import Counter
-from typing import Union
+from itertools import islice
+from typing import Callable, Iterator, Union
 
 import av
 import numpy as np
@@ -73,9 +74,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     out of bounds both sides are scaled by the same factor and floored (too big) or ceiled (too small).
     """
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise MediaError(
-            f"The image is {width}x{height} pixels; its aspect ratio must be at most {MAX_ASPECT_RATIO}:1."
-        )
+        raise MediaError(f"A {width}x{height} image or video frame is too elongated: the aspect ratio must be at "
+                         f"most {MAX_ASPECT_RATIO}:1.")
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -173,69 +173,91 @@ def load_video(source: MediaSource, max_frames: int | None = None) -> np.ndarray
     """Sampled and resized frames, uint8 [T, H, W, 3] (RGB), T even.
 
     Decoded with decord (the reference's reader, so frames match it to the pixel), falling back to PyAV for files
-    decord cannot open. A clip shorter than 2 s still gives 4 frames (some repeated); the reference instead falls
-    back to reading every frame with torchvision, which this implementation does not copy.
+    decord cannot read. A clip shorter than 2 s still gives 4 frames; the reference instead falls back to reading
+    every frame with torchvision, which is not copied here.
     """
     name = _name(source)
     src = _open_source(source)
     try:
-        frames = _sample_with_decord(src, max_frames)
+        return _sample_and_resize(*_open_with_decord(src), max_frames)
     except MediaError:
         raise
     except Exception:
         if isinstance(src, io.BytesIO):
             src.seek(0)
-        frames = _sample_with_pyav(src, name, max_frames)
-    height, width = video_frame_size(frames.shape[1], frames.shape[2], frames.shape[0])
-    return resize_frames_bicubic(frames, height, width)
+        return _sample_and_resize(*_open_with_pyav(src, name), max_frames)
 
 
-def _sample_with_decord(src, max_frames: int | None) -> np.ndarray:
+FrameReader = Callable[[list[int]], Iterator[np.ndarray]]
+
+
+def _sample_and_resize(total_frames: int, fps: float, read: FrameReader, max_frames: int | None) -> np.ndarray:
+    """Pick the frames, then decode and resize them a few at a time (a long 4K clip never sits in memory whole)."""
+    indices = sample_frame_indices(num_video_frames(total_frames, fps, max_frames), total_frames)
+    frames, resized = read(indices), []
+    while batch := list(islice(frames, VIDEO_RESIZE_CHUNK)):
+        height, width = video_frame_size(batch[0].shape[0], batch[0].shape[1], len(indices))
+        resized.append(resize_frames_bicubic(np.stack(batch), height, width))
+    return np.concatenate(resized)
+
+
+def _open_with_decord(src) -> tuple[int, float, FrameReader]:
     import decord
 
     reader = decord.VideoReader(src)
     total, fps = len(reader), reader.get_avg_fps()
     if total == 0 or not fps > 0:
         raise RuntimeError("decord found no frames")
-    indices = sample_frame_indices(num_video_frames(total, fps, max_frames), total)
-    return reader.get_batch(indices).asnumpy()
+
+    def read(indices: list[int]) -> Iterator[np.ndarray]:
+        for start in range(0, len(indices), VIDEO_RESIZE_CHUNK):
+            yield from reader.get_batch(indices[start:start + VIDEO_RESIZE_CHUNK]).asnumpy()
+
+    return total, fps, read
 
 
-def _sample_with_pyav(src, name: str, max_frames: int | None) -> np.ndarray:
+def _open_with_pyav(src, name: str) -> tuple[int, float, FrameReader]:
+    def damaged(error: Exception) -> MediaError:
+        return MediaError(f"Could not read video '{name}': the file is damaged or not a supported video ({error}).")
+
     try:
         with av.open(src) as container:
             if not container.streams.video:
                 raise MediaError(f"Could not read video '{name}': the file has no video stream.")
             stream = container.streams.video[0]
             fps = float(stream.average_rate) if stream.average_rate else 0.0
-            total = sum(1 for packet in container.demux(stream) if packet.size > 0)
-        if total == 0 or fps <= 0:
-            raise MediaError(f"Could not read video '{name}': no decodable frames.")
-        indices = sample_frame_indices(num_video_frames(total, fps, max_frames), total)
-        wanted = Counter(indices)
-        frames = []
+            total = sum(1 for packet in container.demux(stream) if packet.size > 0)  # demux only: cheap
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise damaged(error) from None
+    if total == 0 or fps <= 0:
+        raise MediaError(f"Could not read video '{name}': no decodable frames.")
+
+    def read(indices: list[int]) -> Iterator[np.ndarray]:
+        wanted, emitted, frame = Counter(indices), 0, None
         if isinstance(src, io.BytesIO):
             src.seek(0)
-        with av.open(src) as container:
-            for position, frame in enumerate(container.decode(video=0)):
-                if position in wanted:
-                    frames.extend([frame.to_ndarray(format="rgb24")] * wanted[position])
-                if len(frames) == len(indices):
-                    break
-    except MediaError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, IndexError) as error:
-        raise MediaError(f"Could not read video '{name}': the file is damaged or not a supported video ({error}).") \
-            from None
-    if not frames:
-        raise MediaError(f"Could not read video '{name}': no decodable frames.")
-    while len(frames) < len(indices):  # the container over-counted frames: repeat the last one
-        frames.append(frames[-1])
-    return np.stack(frames)
+        try:
+            with av.open(src) as container:
+                for position, decoded in enumerate(container.decode(video=0)):
+                    if position in wanted:
+                        frame = decoded.to_ndarray(format="rgb24")
+                        for _ in range(wanted[position]):
+                            yield frame
+                        emitted += wanted[position]
+                    if emitted == len(indices):
+                        return
+        except (av.FFmpegError, OSError, ValueError) as error:
+            raise damaged(error) from None
+        if frame is None:
+            raise MediaError(f"Could not read video '{name}': no decodable frames.")
+        for _ in range(len(indices) - emitted):  # fewer frames decoded than packets counted: repeat the last one
+            yield frame
+
+    return total, fps, read
 
 
 def video_duration(source: MediaSource) -> float:
-    """Duration in seconds from the container header (no decoding), for cheap pre-checks."""
+    """Duration in seconds from the container header (or packet timestamps; never decodes), for cheap pre-checks."""
     name = _name(source)
     try:
         with av.open(_open_source(source)) as container:
@@ -246,8 +268,10 @@ def video_duration(source: MediaSource) -> float:
                 return float(stream.duration * stream.time_base)
             if container.duration:
                 return container.duration / av.time_base
-            if stream.frames and stream.average_rate:
-                return stream.frames / float(stream.average_rate)
+            # No duration in the header (e.g. browser-recorded webm): read packet timestamps, without decoding.
+            end = max((p.pts + (p.duration or 0) for p in container.demux(stream) if p.pts is not None), default=None)
+            if end is not None and stream.time_base:
+                return float(end * stream.time_base)
     except MediaError:
         raise
     except (av.FFmpegError, OSError, ValueError) as error:

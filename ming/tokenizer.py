@@ -30,9 +30,10 @@ FIRST_SPECIAL_ID = 126080
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data", "tokenizer")
 
-# Split text into words/numbers/punctuation runs before byte-level BPE (the GPT-4 style pattern most byte-level BPEs use).
+# Split text into words / numbers / punctuation runs before byte-level BPE (the GPT-4 style pattern).
 SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 NUM_LEARNED_MERGES = 2000
@@ -78,6 +79,11 @@ def byte_alphabet() -> dict[int, str]:
             mapping[b] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+@lru_cache(maxsize=1)
+def byte_alphabet_inverse() -> dict[str, int]:
+    return {char: b for b, char in byte_alphabet().items()}
 
 
 def to_byte_level(text: str) -> str:
@@ -148,11 +154,6 @@ def _learn_merges(builder: _VocabBuilder, atomic_chars: set[str], num_merges: in
                     out.append(symbols[i])
                     i += 1
             words[word] = out
-
-
-@lru_cache(maxsize=1)
-def byte_alphabet_inverse() -> dict[str, int]:
-    return {char: b for b, char in byte_alphabet().items()}
 
 
 def _pseudo_words():

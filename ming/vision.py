@@ -210,7 +210,7 @@ class VisionEncoder(nn.Module):
         if pixel_values.ndim != 2 or pixel_values.shape[1] != self.patch_dim:
             raise ValueError(f"pixel_values must be [num_patches, {self.patch_dim}], got {list(pixel_values.shape)}")
         for t, h, w in grids:
-            if t < 1 or h % self.merge_size or w % self.merge_size or h < 1 or w < 1:
+            if min(t, h, w) < 1 or h % self.merge_size or w % self.merge_size:
                 raise ValueError(f"grid (t={t}, h={h}, w={w}) must have t >= 1 and h, w multiples of {self.merge_size}")
         num_patches = sum(t * h * w for t, h, w in grids)
         if pixel_values.shape[0] != num_patches:
@@ -254,8 +254,8 @@ class VisionEncoder(nn.Module):
     def _rotary_angles(self, t: int, h: int, w: int) -> torch.Tensor:
         """Rotary angles `[t * h * w, head_dim]` float32 for one grid's patches, in merge order.
 
-        A quarter of head_dim frequencies rotate by the patch row, a quarter by the column; that half is repeated so
-        pair (i, i + head_dim / 2) shares one angle.
+        head_dim / 4 frequencies are driven by the patch's row and head_dim / 4 by its column; these head_dim / 2
+        angles are then repeated, so each rotation pair (i, i + head_dim / 2) shares one angle.
         """
         m = self.merge_size
         rotary_dim = self.head_dim // 2

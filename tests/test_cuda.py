@@ -58,19 +58,51 @@ def test_grouped_gemm_experts_match_the_loop_in_bf16():
 
 
 def test_triton_decode_experts_match_the_loop_in_bf16():
-    from ming.kernels import moe_gemv
+    from ming import kernels
 
     config = tiny_config().llm_config
     experts = Experts(config)
     experts.load_state_dict({k: tiny_tensor("e." + k, tuple(v.shape)) for k, v in experts.state_dict().items()})
     experts = experts.to("cuda", torch.bfloat16)
+    shared = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) / 8 for shape in ((64, 64), (64, 64), (64, 64))]
     x = torch.randn(2, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     idx = torch.tensor([[0, 5, 7], [3, 5, 1]], device="cuda")
     w = torch.rand(2, 3, device="cuda").softmax(-1)
-    fast = moe_gemv(x, idx, w, experts.gate_proj, experts.up_proj, experts.down_proj)
-    loop = experts.to(torch.float32)(x.float(), idx, w)
-    err = ((fast.float() - loop).norm() / loop.norm()).item()
+    fast = kernels.moe_gemv(x, idx, w, experts.gate_proj, experts.up_proj, experts.down_proj, tuple(shared))
+    xf = x.float()
+    gate, up, down = (t.float() for t in shared)
+    want = experts.to(torch.float32)(xf, idx, w) + (torch.nn.functional.silu(xf @ gate.T) * (xf @ up.T)) @ down.T
+    err = ((fast.float() - want).norm() / want.norm()).item()
     assert err < 2e-2, err
+
+
+def test_triton_norm_rope_and_router_match_torch():
+    from ming import kernels
+    from ming.llm import RMSNorm, apply_rope, rope_cos_sin
+
+    x = torch.randn(5, 2048, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn_like(x)
+    norm = RMSNorm(2048, 1e-6).to("cuda", torch.bfloat16)
+    norm.weight.data.uniform_(0.5, 1.5)
+    total, normed = kernels.rms_norm(x, norm.weight, 1e-6, delta=delta)
+    want_total = x + delta
+    want = norm.weight * (want_total.float() * torch.rsqrt(want_total.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    assert torch.equal(total, want_total)
+    torch.testing.assert_close(normed, want, rtol=1e-2, atol=1e-2)
+
+    qkv = torch.randn(1, 3, 24, 128, device="cuda", dtype=torch.bfloat16)
+    cos, sin = rope_cos_sin(torch.tensor([[7, 8, 9]], device="cuda"), 128, 600000.0)
+    want_q = apply_rope(qkv.float().transpose(1, 2), cos, sin).transpose(1, 2)
+    rotated = qkv.clone()
+    kernels.rope_(rotated, cos, sin, rotated_heads=20)
+    torch.testing.assert_close(rotated[:, :, :20].float(), want_q[:, :, :20], rtol=2e-2, atol=2e-2)
+    assert torch.equal(rotated[:, :, 20:], qkv[:, :, 20:])
+
+    logits = torch.randn(4, 64, device="cuda")
+    idx, weight = kernels.route_topk(logits, 6, renormalize=True)
+    want_w, want_i = logits.softmax(-1).topk(6)
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(weight, want_w / want_w.sum(-1, keepdim=True))
 
 
 def test_bf16_generation_runs_with_graphs(tiny_dir):

@@ -1,6 +1,7 @@
 """Processor, media loading and tiny tokenizer: prompt strings, token counts, media edge cases, streaming decode,
 and parity with goldens from the reference processor (tests/fixtures/processor/README.md)."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -8,11 +9,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import soundfile
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from ming import media
 from ming.audio import write_cmvn
 from ming.media import MediaError, load_audio, load_video, num_video_frames, sample_frame_indices, video_duration
 from ming.media import audio_duration
@@ -257,6 +258,16 @@ def test_video_token_counts(processor, tmp_path, seconds, grid):
     assert video_grid == grid and values.shape == (grid[0] * grid[1] * grid[2], 1176)
 
 
+def test_video_pyav_fallback_gives_the_same_frames(monkeypatch):
+    decoded = load_video(str(VIDEO))
+
+    def broken_decord(*args):
+        raise RuntimeError("decord cannot open this file")
+
+    monkeypatch.setattr(media, "_open_with_decord", broken_decord)
+    assert np.array_equal(load_video(VIDEO.read_bytes()), decoded)
+
+
 def test_video_max_frames_and_pixel_budget(tmp_path):
     path = write_video(tmp_path / "long.mp4", 10.0, size=(640, 360))
     frames = load_video(str(path), max_frames=16)
@@ -380,6 +391,7 @@ def golden_case(name: str) -> dict:
 
 def golden_messages(name: str) -> list[dict]:
     media = {"image": str(IMAGE), "video": str(VIDEO), "audio": str(CHIRP)}
+    large_image, hd_video = str(FIXTURES / "image_large.png"), str(FIXTURES / "video_hd.mp4")
     messages = {
         "text": [human("Hello! 请介绍一下你自己。")],
         "multiturn": [human("中国的首都是哪里？"), {"role": "ASSISTANT", "content": [{"type": "text", "text": "北京。"}]},
@@ -387,20 +399,24 @@ def golden_messages(name: str) -> list[dict]:
         "system": [human("Name three colours.")],
         "image": [human({"type": "image", "image": media["image"]}, "What is in the picture?")],
         "video": [human({"type": "video", "video": media["video"]}, "What moves?")],
+        "image_large": [human({"type": "image", "image": large_image}, "Describe it.")],
+        "video_hd": [human({"type": "video", "video": hd_video}, "Describe it.")],
         "audio": [human(ASR_PROMPT, {"type": "audio", "audio": media["audio"]})],
     }
     return messages[name]
 
 
-@pytest.mark.parametrize("name", ["text", "multiturn", "system", "image", "video", "audio"])
+@pytest.mark.parametrize("name", ["text", "multiturn", "system", "image", "video", "image_large", "video_hd", "audio"])
 def test_parity_input_ids(processor, name):
     golden = golden_case(name)
     inputs = processor(golden_messages(name), system_prompt=golden["system"])
     assert inputs["input_ids"][0].tolist() == golden["input_ids"]
-    if "image_grid_thw" in golden:
-        assert inputs["image_grid_thw"].tolist() == golden["image_grid_thw"]
-    if "video_grid_thw" in golden:
-        assert inputs["video_grid_thw"].tolist() == golden["video_grid_thw"]
+    for key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if grid_key in golden:
+            assert inputs[grid_key].tolist() == golden[grid_key]
+            values = inputs[key].numpy().astype("<f4")
+            assert float(values.astype(np.float64).sum()) == pytest.approx(golden["pixel_sum"], rel=1e-9)
+            assert hashlib.sha256(values.tobytes()).hexdigest() == golden["pixel_sha256"]  # bit-exact pixels
     if "audio_placeholder_loc_lens" in golden:
         assert inputs["audio_placeholder_loc_lens"].tolist() == golden["audio_placeholder_loc_lens"]
         assert inputs["audio_feats_lengths"].tolist() == golden["audio_feats_lengths"]

@@ -111,8 +111,9 @@ class AudioDetokenizer:
     ) -> AudioDetokenizer:
         """Build from `talker_dir/audio_detokenizer.yaml` and load `flow.pt` / `hift.pt` (release key names).
 
-        `dtype` applies to the flow network and the vocoder convs; the ODE state, F0 source, STFTs and outputs stay
-        float32. bfloat16 / float16 are meant for GPUs.
+        `dtype` applies to the flow network and the vocoder convs; the ODE state, the vocoder's F0 predictor and
+        source, the STFTs and the outputs stay float32. bfloat16 / float16 are meant for GPUs. (The release runs
+        the flow in fp16 and the vocoder in float32 on its GPU.)
         """
         config = read_yaml(os.path.join(talker_dir, YAML_NAME))
         flow = FlowDecoder(FlowConfig.from_yaml(config))
@@ -120,7 +121,7 @@ class AudioDetokenizer:
         _load(flow, torch.load(os.path.join(talker_dir, FLOW_NAME), map_location="cpu", weights_only=True), FLOW_NAME)
         hift_state = torch.load(os.path.join(talker_dir, HIFT_NAME), map_location="cpu", weights_only=True)
         _load(hift, fold_weight_norm(hift_state), HIFT_NAME)
-        return cls(flow.to(device=device, dtype=dtype), hift.to(device=device, dtype=dtype))
+        return cls(flow.to(device=device, dtype=dtype), hift.to(device).cast_convs(dtype))
 
     @property
     def sample_rate(self) -> int:
@@ -143,7 +144,8 @@ class AudioDetokenizer:
         """
         tokens = self._check_tokens(speech_tokens)
         speaker = self._check_speaker(speaker_embedding)
-        return self.flow(tokens, speaker, generator=generator, n_timesteps=n_timesteps)
+        # clone: hand back an ordinary tensor, not an inference-mode one (those refuse later in-place edits)
+        return self.flow(tokens, speaker, generator=generator, n_timesteps=n_timesteps).clone()
 
     def mel_to_wave(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """mel [1, 80, frames] -> waveform [frames * 256] float32 (CPU), clamped to +-0.99."""
@@ -151,7 +153,7 @@ class AudioDetokenizer:
             raise ValueError(f"mel must be [1, {self.hift.config.in_channels}, frames], got {list(mel.shape)}")
         if mel.shape[2] == 0:
             raise ValueError("mel has no frames")
-        return self.hift(mel, generator=generator)[0].float().cpu()
+        return self.hift(mel, generator=generator)[0].float().cpu().clone()
 
     def synthesize(
         self, speech_tokens: torch.Tensor, speaker_embedding: torch.Tensor, noise_seed: int | None = None

@@ -97,7 +97,10 @@ _WEIGHT_NORM_LAYOUTS = (
 def fold_weight_norm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Replace each weight-norm (g, v) pair by `weight = v * (g / ||v||)`, the norm taken over all dims but 0.
 
-    Accepts both layouts in `_WEIGHT_NORM_LAYOUTS`; other keys pass through unchanged.
+    Accepts both layouts in `_WEIGHT_NORM_LAYOUTS`; other keys pass through unchanged. The fold uses
+    `torch._weight_norm`, the kernel both of torch's weight-norm wrappers call, so the weights are bit-identical to
+    the ones the release computes on every call. That matters here: the source module integrates F0 over every
+    sample (a cumulative sum), which turns a 1e-7 difference in F0 into ~1e-4 in the waveform.
     """
     folded: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -109,9 +112,7 @@ def fold_weight_norm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if key.endswith(v_suffix):
             continue  # folded together with its g
         prefix = key[: -len(g_suffix)]
-        v = state_dict[prefix + v_suffix]
-        norm = v.float().flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
-        folded[prefix + ".weight"] = (v.float() * (value.float() / norm)).to(v.dtype)
+        folded[prefix + ".weight"] = torch._weight_norm(state_dict[prefix + v_suffix], value, 0)
     return folded
 
 
@@ -194,8 +195,7 @@ class HarmonicSource(nn.Module):
         voiced = (f0 > self.voiced_threshold).float().unsqueeze(1)
         noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
         sines = sines * voiced + noise_amp * noise
-        weight, bias = self.l_linear.weight.float(), self.l_linear.bias.float()
-        return torch.tanh(F.linear(sines.transpose(1, 2), weight, bias)).transpose(1, 2)
+        return torch.tanh(self.l_linear(sines.transpose(1, 2))).transpose(1, 2)
 
 
 class HiFTGenerator(nn.Module):
@@ -236,6 +236,15 @@ class HiFTGenerator(nn.Module):
         )
         self.conv_post = nn.Conv1d(base // 2 ** len(self.ups), n_fft + 2, 7, 1, padding=3)
 
+    def cast_convs(self, dtype: torch.dtype) -> HiFTGenerator:
+        """Cast the conv stack to `dtype` (bf16 / fp16 on GPUs), keeping the F0 predictor and the source merge in
+        float32: F0 is integrated over every sample into the source phase, which amplifies its rounding errors,
+        and both are tiny."""
+        for name, child in self.named_children():
+            if name not in ("f0_predictor", "m_source"):
+                child.to(dtype)
+        return self
+
     def _window(self, device: torch.device) -> torch.Tensor:
         # scipy's periodic Hann as the release builds it: float64, then float32
         return torch.hann_window(self.config.istft_n_fft, periodic=True, dtype=torch.float64, device=device).float()
@@ -254,13 +263,14 @@ class HiFTGenerator(nn.Module):
     def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """mel [B, 80, T] -> waveform [B, T * hop_size] float32 in [-audio_limit, audio_limit].
 
-        Convs run in the module's dtype; F0, the sine source, STFT and iSTFT run in float32.
+        Convs run in their dtype (see `cast_convs`); F0, the sine source, STFT and iSTFT run in float32.
         """
         config = self.config
         dtype = self.conv_pre.weight.dtype
-        mel = mel.to(device=self.conv_pre.weight.device, dtype=dtype)
+        mel = mel.to(self.conv_pre.weight.device)
 
-        f0 = self.f0_predictor(mel).float()
+        f0 = self.f0_predictor(mel.float())
+        mel = mel.to(dtype)
         f0 = f0.repeat_interleave(config.hop_size, dim=-1)  # nearest upsampling to the sample rate
         source = self._stft(self.m_source(f0, generator).squeeze(1)).to(dtype)
 

@@ -89,7 +89,6 @@ class SentenceCutter:
 
     def _find_cut(self, text: str, final: bool) -> int | None:
         first = self.spoken_pieces == 0
-        min_units = PIECE_MIN_UNITS
         pause_min_units = FIRST_PIECE_MIN_UNITS if first else None  # later pieces end at a pause only when too long
         max_units = FIRST_PIECE_MAX_UNITS if first else PIECE_MAX_UNITS
         length = 0
@@ -105,7 +104,7 @@ class SentenceCutter:
             end = self._end_of_stop(text, i, final)
             if end is None:
                 continue
-            if char in SENTENCE_ENDS and length >= min_units:
+            if char in SENTENCE_ENDS and length >= PIECE_MIN_UNITS:
                 return end
             if pause_min_units is not None and length >= pause_min_units:
                 return end
@@ -114,16 +113,15 @@ class SentenceCutter:
 
     @staticmethod
     def _end_of_stop(text: str, i: int, final: bool) -> int | None:
-        """Where a piece ending with the stop at text[i] ends (after any closing quotes or brackets), or None if
-        text[i] is no stop here or it cannot be told yet."""
+        """Where a piece ending with the stop at text[i] ends (after repeated stops and closing quotes or
+        brackets: "……", "?!", "。」"), or None if text[i] is no stop here or it cannot be told until more text comes."""
         end = i + 1
-        while end < len(text) and text[end] in CLOSERS:
+        while end < len(text) and (text[end] in CLOSERS or text[end] in SENTENCE_ENDS):
             end += 1
-        if text[i] in ASCII_STOPS:
-            if end == len(text):
-                return end if final else None
-            if not text[end].isspace():
-                return None
+        if end == len(text):
+            return end if final else None
+        if text[i] in ASCII_STOPS and not text[end].isspace():
+            return None
         return end
 
 
@@ -325,8 +323,8 @@ class SpeechGenerator:
         stop_event: threading.Event | None,
     ) -> np.ndarray:
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        # Bound the talker by the text's length (about 1.2 s of speech per text token, plus 2 s), so a sentence can
-        # never run on to the global cap.
+        # Bound the talker by the text's length (about 1.2 s of speech per text token, plus 2 s at ~32 S3-BPE
+        # tokens per second): a sentence the talker fails to end stops there, not after 30 s of babble.
         budget = min(self.max_new_tokens, 64 + 40 * len(self.talker.tokenizer.encode(text)))
         bpe_ids = self.talker.generate(context, text, generator, budget, stop_event=stop_event)
         speech_tokens = self.codec.decode(bpe_ids)

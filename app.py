@@ -1,0 +1,338 @@
+"""Ming-Lite-Omni-Preview demo: five tabs on one cached model, streaming text and speech.
+
+    python app.py [--model PATH_OR_HUB_ID] [--host 0.0.0.0] [--port 7860] [--share]
+
+Layout and event wiring only; everything that touches the model is in `ming/engine.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home at start
+
+import argparse
+import logging
+import sys
+
+import gradio as gr
+
+from ming import engine
+from ming.engine import Sampling
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(HERE, "examples")
+
+
+def example(*parts: str) -> str:
+    return os.path.join(EXAMPLES, *parts)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Ming-Lite-Omni-Preview demo")
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: $MING_MODEL, else the official "
+                                        "weights on a GPU host, else the tiny random test checkpoint); 'tiny' forces "
+                                        "the tiny one")
+    parser.add_argument("--host", help="address to bind, e.g. 0.0.0.0 (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also serve a public gradio.live link")
+    return parser.parse_args(argv)
+
+
+ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+ENGINE = engine.load(ARGS.model)  # at import, once: ZeroGPU packs the weights before the first request
+
+GPU_EVENT = dict(concurrency_id=engine.CONCURRENCY_ID, concurrency_limit=1)
+VOICES = ENGINE.voices
+DEFAULT_VOICE = "luna" if "luna" in VOICES else (VOICES[0] if VOICES else None)
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+
+
+# ============================================================================================================ handlers
+def chat(message, photo, clip, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice,
+         request: gr.Request):
+    message = message or {}
+    files = [*message.get("files", []), photo, clip]
+    sampling = Sampling(temperature, top_p, max_new_tokens)
+    first = True
+    for turns, progress in engine.chat(turns, message.get("text", ""), files, system_prompt, sampling, speak, voice,
+                                       request.session_hash):
+        cleared = (None, None, None) if first else (gr.skip(),) * 3
+        first = False
+        yield (engine.chat_messages(turns, pending=not progress.done), progress.audio or gr.skip(), *cleared, turns)
+
+
+def retry_chat(turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, request: gr.Request):
+    if not turns:
+        return
+    last = turns[-1]
+    message = {"text": last.text, "files": [path for _, path in last.media]}
+    for chatbot, audio, *_, new_turns in chat(message, None, None, turns[:-1], system_prompt, temperature, top_p,
+                                              max_new_tokens, speak, voice, request):
+        yield chatbot, audio, new_turns
+
+
+def undo_chat(turns):
+    if not turns:
+        return [], gr.skip(), []
+    last = turns[-1]
+    return (engine.chat_messages(turns[:-1]), {"text": last.text, "files": [path for _, path in last.media]},
+            turns[:-1])
+
+
+def vision_qa(image, video, question, max_new_tokens, request: gr.Request):
+    yield from engine.vision_qa(image, video, question, Sampling(max_new_tokens=max_new_tokens),
+                                request.session_hash)
+
+
+def asr(audio, request: gr.Request):
+    yield from engine.asr(audio, request.session_hash)
+
+
+def speech_to_speech(audio, turns, voice, max_new_tokens, request: gr.Request):
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    for turns, progress in engine.speech_to_speech(turns, audio, voice, sampling, request.session_hash):
+        yield engine.chat_messages(turns, pending=not progress.done), progress.audio or gr.skip(), turns
+
+
+def thinking(text, image, turns, max_new_tokens, request: gr.Request):
+    first = True
+    for turns in engine.thinking(turns, text, image, Sampling(max_new_tokens=max_new_tokens), request.session_hash):
+        cleared = ("", None) if first else (gr.skip(), gr.skip())
+        first = False
+        yield engine.thinking_chat_messages(turns, pending=True), *cleared, turns
+    yield engine.thinking_chat_messages(turns), gr.skip(), gr.skip(), turns
+
+
+def stop(request: gr.Request):
+    engine.stop(request.session_hash)
+
+
+# ============================================================================================================== layout
+def sampling_controls(max_new_tokens: int = 512) -> tuple[gr.Slider, gr.Slider, gr.Slider]:
+    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", info="0 = greedy")
+    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+    tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=max_new_tokens, step=1, label="Max new tokens")
+    return temperature, top_p, tokens
+
+
+def voice_dropdown() -> gr.Dropdown:
+    return gr.Dropdown(VOICES, value=DEFAULT_VOICE, label="Voice", interactive=bool(VOICES),
+                       info=None if VOICES else "this checkpoint has no speech model")
+
+
+def streaming_reply_audio(visible: bool = True) -> gr.Audio:
+    return gr.Audio(label="Spoken reply (plays while it is made)", streaming=True, autoplay=True, interactive=False,
+                    visible=visible, elem_id=None)
+
+
+def run_examples(examples: gr.Examples, handler, inputs, outputs) -> gr.events.Dependency:
+    """Clicking an example fills the inputs, then runs the tab's handler in the shared GPU queue."""
+    return examples.load_input_event.then(handler, inputs, outputs, api_visibility="private", **GPU_EVENT)
+
+
+def build_chat_tab():
+    turns = gr.State([])
+    with gr.Row():
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(label="Conversation", height=480, latex_delimiters=LATEX, elem_id="chat-chatbot",
+                                 buttons=["copy"])
+            reply_audio = streaming_reply_audio(visible=False)
+            box = gr.MultimodalTextbox(placeholder="Type a message, attach images, a video or an audio clip, or "
+                                                   "record with the microphone…",
+                                       sources=["upload", "microphone"], file_types=["image", "video", "audio"],
+                                       file_count="multiple", show_label=False, elem_id="chat-input")
+            with gr.Row():
+                stop_button = gr.Button("Stop", variant="stop", size="sm")
+                clear_button = gr.Button("Clear", size="sm")
+            with gr.Accordion("Webcam (attach a photo or a clip to the next message)", open=False):
+                with gr.Row():
+                    photo = gr.Image(sources=["webcam"], type="filepath", image_mode=None, label="Photo")
+                    clip = gr.Video(sources=["webcam"], label="Clip")
+        with gr.Column(scale=1):
+            system_prompt = gr.Textbox(label="System prompt", lines=3, placeholder="e.g. You are a friendly tutor.")
+            speak = gr.Checkbox(label="Reply with voice", value=False, interactive=bool(VOICES))
+            voice = voice_dropdown()
+            temperature, top_p, max_new_tokens = sampling_controls()
+            gr.Markdown(engine.LIMITS_MARKDOWN, elem_classes="limits")
+
+    inputs = [box, photo, clip, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice]
+    outputs = [chatbot, reply_audio, box, photo, clip, turns]
+    submit = box.submit(chat, inputs, outputs, api_name="chat", **GPU_EVENT)
+    settings = [system_prompt, temperature, top_p, max_new_tokens, speak, voice]
+    retry = chatbot.retry(retry_chat, [turns, *settings], [chatbot, reply_audio, turns], api_visibility="private",
+                          **GPU_EVENT)
+    chatbot.undo(undo_chat, [turns], [chatbot, box, turns], api_visibility="private", queue=False)
+    speak.change(lambda on: gr.update(visible=on), speak, reply_audio, api_visibility="private", queue=False)
+    examples = gr.Examples(
+        [
+            [{"text": "What is in this picture? Describe it for a child.", "files": [example("images", "street.png")]}],
+            [{"text": "Which fruit sold the most, and by how much more than the least?",
+              "files": [example("images", "fruit_chart.png")]}],
+            [{"text": "What happens in this video?", "files": [example("video", "bouncing_ball.mp4")]}],
+            [{"text": "", "files": [example("audio", "capital_question.wav")]}],
+            [{"text": "Write a four-line poem about the sea.", "files": []}],
+        ],
+        inputs=[box], label="Examples (click to run)", api_visibility="private",
+        example_labels=["Image: describe a street scene", "Image: read a bar chart", "Video: what happens?",
+                        "Audio: a spoken question", "Text: a short poem"],
+    )
+    from_example = run_examples(examples, chat, inputs, outputs)
+    stop_button.click(stop, None, None, cancels=[submit, retry, from_example], api_visibility="private", queue=False)
+    clear_button.click(lambda: ([], [], None), None, [chatbot, turns, reply_audio], cancels=[submit, retry],
+                       api_visibility="private", queue=False)
+
+
+def build_vision_tab():
+    with gr.Row():
+        image = gr.Image(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None, label="Image",
+                         elem_id="vqa-image")
+        video = gr.Video(sources=["upload", "webcam"], label="Video", elem_id="vqa-video")
+    question = gr.Textbox(label="Question", placeholder="Ask about the image or the video", elem_id="vqa-question")
+    with gr.Row():
+        ask = gr.Button("Ask", variant="primary")
+        stop_button = gr.Button("Stop", variant="stop")
+    with gr.Accordion("Settings", open=False):
+        max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens")
+    answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="vqa-answer")
+    gr.Markdown(engine.LIMITS_MARKDOWN, elem_classes="limits")
+    inputs = [image, video, question, max_new_tokens]
+    events = [ask.click(vision_qa, inputs, answer, api_name="vision_qa", **GPU_EVENT),
+              question.submit(vision_qa, inputs, answer, api_visibility="private", **GPU_EVENT)]
+    examples = gr.Examples(
+        [[example("images", "shop_sign.png"), None, "What does the sign say? When is it open?"],
+         [example("images", "street.png"), None, "What colour is the car, and where is it?"],
+         [None, example("video", "bouncing_ball.mp4"), "Describe the motion of the ball."]],
+        inputs=[image, video, question], label="Examples (click to run)", api_visibility="private",
+        example_labels=["Read a shop sign", "Find the car", "Follow a bouncing ball"],
+    )
+    events.append(run_examples(examples, vision_qa, inputs, answer))
+    stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
+
+
+def build_asr_tab():
+    gr.Markdown(f"Transcribes with the release's ASR prompt: *“{engine.ASR_PROMPT}”* The model names the "
+                f"language first. Recordings up to {engine.MAX_ASR_SECONDS // 60} minutes are transcribed in "
+                f"{engine.ASR_SEGMENT_SECONDS:.0f}-second segments.")
+    audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speech", elem_id="asr-audio")
+    with gr.Row():
+        transcribe = gr.Button("Transcribe", variant="primary")
+        stop_button = gr.Button("Stop", variant="stop")
+    transcript = gr.Textbox(label="Transcript", lines=6, interactive=False, elem_id="asr-transcript")
+    events = [transcribe.click(asr, audio, transcript, api_name="asr", **GPU_EVENT)]
+    examples = gr.Examples([[example("audio", "fox_sentence.wav")], [example("audio", "robot_story_request.wav")]],
+                           inputs=[audio], label="Examples (click to run)", api_visibility="private",
+                           example_labels=["English: the quick brown fox", "English: a request"])
+    events.append(run_examples(examples, asr, [audio], transcript))
+    stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
+
+
+def build_speech_tab():
+    turns = gr.State([])
+    gr.Markdown("Talk to the model: record a question (or upload one), and the spoken answer starts playing while "
+                "the rest is still being made. The conversation continues turn by turn.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your message",
+                             elem_id="s2s-audio")
+            voice = voice_dropdown()
+            with gr.Accordion("Settings", open=False):
+                max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens")
+            with gr.Row():
+                send = gr.Button("Send", variant="primary")
+                stop_button = gr.Button("Stop", variant="stop")
+                clear_button = gr.Button("Clear")
+        with gr.Column(scale=2):
+            reply_audio = streaming_reply_audio()
+            chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="s2s-chatbot")
+    inputs = [audio, turns, voice, max_new_tokens]
+    outputs = [chatbot, reply_audio, turns]
+    events = [send.click(speech_to_speech, inputs, outputs, api_name="speech_to_speech", **GPU_EVENT),
+              audio.stop_recording(speech_to_speech, inputs, outputs, api_visibility="private", **GPU_EVENT)]
+    examples = gr.Examples([[example("audio", "capital_question.wav")], [example("audio", "robot_story_request.wav")]],
+                           inputs=[audio], label="Examples (click to run)", api_visibility="private",
+                           example_labels=["“What is the capital of France?”", "“Tell me a story about a robot”"])
+    events.append(run_examples(examples, speech_to_speech, inputs, outputs))
+    stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
+    clear_button.click(lambda: ([], [], None), None, [chatbot, turns, reply_audio], cancels=events,
+                       api_visibility="private", queue=False)
+
+
+def build_thinking_tab():
+    turns = gr.State([])
+    gr.Markdown("Chain-of-thought mode: the release's reasoning prompt is added to your question. The reasoning "
+                "streams in a collapsible **Thinking** block; the answer, and any boxed result, follow below it.")
+    chatbot = gr.Chatbot(label="Reasoning", height=440, latex_delimiters=LATEX, elem_id="think-chatbot")
+    with gr.Row():
+        image = gr.Image(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None,
+                         label="Image (optional, for visual math)", height=220, elem_id="think-image")
+        with gr.Column():
+            question = gr.Textbox(label="Question", lines=3, placeholder="e.g. A train leaves at 9:40 and arrives at "
+                                                                        "11:15. How long is the trip?",
+                                  elem_id="think-question")
+            with gr.Row():
+                think = gr.Button("Think", variant="primary")
+                stop_button = gr.Button("Stop", variant="stop")
+                clear_button = gr.Button("Clear")
+            max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=1024, step=1, label="Max new tokens")
+    inputs = [question, image, turns, max_new_tokens]
+    outputs = [chatbot, question, image, turns]
+    events = [think.click(thinking, inputs, outputs, api_name="thinking", **GPU_EVENT),
+              question.submit(thinking, inputs, outputs, api_visibility="private", **GPU_EVENT)]
+    examples = gr.Examples(
+        [["Find x. Give the answer in a box.", example("images", "triangle.png")],
+         ["How many pieces of fruit were sold in total?", example("images", "fruit_chart.png")],
+         ["If 3 pencils cost 45 cents, how much do 7 pencils cost?", None]],
+        inputs=[question, image], label="Examples (click to run)", api_visibility="private",
+        example_labels=["Visual math: a right triangle", "Add up a bar chart", "Word problem"],
+    )
+    events.append(run_examples(examples, thinking, inputs, outputs))
+    stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
+    clear_button.click(lambda: ([], []), None, [chatbot, turns], cancels=events, api_visibility="private",
+                       queue=False)
+
+
+CSS = """
+#banner { background: #fff4e5; border: 1px solid #f0a030; border-radius: 8px; padding: 4px 12px; }
+.limits { font-size: 0.85em; opacity: 0.8; }
+"""
+
+
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="Ming-Lite-Omni-Preview", delete_cache=(3600, 86400)) as demo:
+        gr.Markdown("# Ming-Lite-Omni-Preview\nOne open model that sees, listens and speaks: chat with images, "
+                    "video and audio; ask about a picture or a clip; transcribe speech; talk and hear the answer "
+                    "while it is being made; or watch it reason step by step.")
+        gr.Markdown(ENGINE.banner, visible=bool(ENGINE.banner), elem_id="banner")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                build_chat_tab()
+            with gr.Tab("Image & video QA", id="vision"):
+                build_vision_tab()
+            with gr.Tab("ASR", id="asr"):
+                build_asr_tab()
+            with gr.Tab("Speech-to-speech", id="s2s"):
+                build_speech_tab()
+            with gr.Tab("Thinking", id="thinking"):
+                build_thinking_tab()
+        gr.Markdown(f"Model: `{os.path.basename(ENGINE.checkpoint.rstrip('/'))}` on {ENGINE.device.type.upper()}. "
+                    "One request runs on the GPU at a time; others wait in the queue.", elem_classes="limits")
+    return demo.queue(default_concurrency_limit=1, max_size=64)
+
+
+demo = build_demo()
+
+
+def launch(args: argparse.Namespace) -> None:
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                max_file_size="500mb", allowed_paths=[EXAMPLES], css=CSS, prevent_thread_lock=True)
+    if args.share and not demo.share_url:
+        print("\nCould not create a public share link: the gradio.live service cannot be reached from this "
+              f"machine. The demo still runs locally at {demo.local_url}\n", flush=True)
+    demo.block_thread()
+
+
+if __name__ == "__main__":
+    launch(ARGS)
