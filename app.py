@@ -51,17 +51,15 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
 
 
 # ============================================================================================================ handlers
-def chat(message, photo, clip, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice,
-         request: gr.Request):
+def chat(message, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, request: gr.Request):
     message = message or {}
-    files = [*message.get("files", []), photo, clip]
     sampling = Sampling(temperature, top_p, max_new_tokens)
     first = True
-    for turns, progress in engine.chat(turns, message.get("text", ""), files, system_prompt, sampling, speak, voice,
-                                       request.session_hash):
-        cleared = (None, None, None) if first else (gr.skip(),) * 3
+    for turns, progress in engine.chat(turns, message.get("text", ""), message.get("files", []), system_prompt,
+                                       sampling, speak, voice, request.session_hash):
+        cleared = None if first else gr.skip()
         first = False
-        yield (engine.chat_messages(turns, pending=not progress.done), progress.audio or gr.skip(), *cleared, turns)
+        yield engine.chat_messages(turns, pending=not progress.done), progress.audio or gr.skip(), cleared, turns
 
 
 def retry_chat(turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, request: gr.Request):
@@ -69,9 +67,17 @@ def retry_chat(turns, system_prompt, temperature, top_p, max_new_tokens, speak, 
         return
     last = turns[-1]
     message = {"text": last.text, "files": [path for _, path in last.media]}
-    for chatbot, audio, *_, new_turns in chat(message, None, None, turns[:-1], system_prompt, temperature, top_p,
-                                              max_new_tokens, speak, voice, request):
+    for chatbot, audio, _, new_turns in chat(message, turns[:-1], system_prompt, temperature, top_p, max_new_tokens,
+                                             speak, voice, request):
         yield chatbot, audio, new_turns
+
+
+def attach(message, path):
+    """A webcam photo or clip joins the message being written (and the webcam box empties for the next one)."""
+    if not path:
+        return gr.skip(), gr.skip()
+    message = message or {"text": "", "files": []}
+    return {"text": message.get("text", ""), "files": [*message.get("files", []), path]}, None
 
 
 def undo_chat(turns):
@@ -114,7 +120,8 @@ def stop(request: gr.Request):
 def sampling_controls(max_new_tokens: int = 512) -> tuple[gr.Slider, gr.Slider, gr.Slider]:
     temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", info="0 = greedy")
     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-    tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=max_new_tokens, step=1, label="Max new tokens")
+    tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=max_new_tokens, step=1, label="Max new tokens",
+                       elem_id="chat-max-tokens")
     return temperature, top_p, tokens
 
 
@@ -152,14 +159,16 @@ def build_chat_tab():
                     photo = gr.Image(sources=["webcam"], type="filepath", image_mode=None, label="Photo")
                     clip = gr.Video(sources=["webcam"], label="Clip")
         with gr.Column(scale=1):
-            system_prompt = gr.Textbox(label="System prompt", lines=3, placeholder="e.g. You are a friendly tutor.")
-            speak = gr.Checkbox(label="Reply with voice", value=False, interactive=bool(VOICES))
+            system_prompt = gr.Textbox("", label="System prompt", lines=3, placeholder="e.g. You are a friendly tutor.")
+            speak = gr.Checkbox(label="Reply with voice", value=False, interactive=bool(VOICES), elem_id="chat-speak")
             voice = voice_dropdown()
             temperature, top_p, max_new_tokens = sampling_controls()
             gr.Markdown(engine.LIMITS_MARKDOWN, elem_classes="limits")
 
-    inputs = [box, photo, clip, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice]
-    outputs = [chatbot, reply_audio, box, photo, clip, turns]
+    photo.change(attach, [box, photo], [box, photo], api_visibility="private", queue=False)
+    clip.change(attach, [box, clip], [box, clip], api_visibility="private", queue=False)
+    inputs = [box, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice]
+    outputs = [chatbot, reply_audio, box, turns]
     submit = box.submit(chat, inputs, outputs, api_name="chat", **GPU_EVENT)
     settings = [system_prompt, temperature, top_p, max_new_tokens, speak, voice]
     retry = chatbot.retry(retry_chat, [turns, *settings], [chatbot, reply_audio, turns], api_visibility="private",
@@ -190,12 +199,13 @@ def build_vision_tab():
         image = gr.Image(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None, label="Image",
                          elem_id="vqa-image")
         video = gr.Video(sources=["upload", "webcam"], label="Video", elem_id="vqa-video")
-    question = gr.Textbox(label="Question", placeholder="Ask about the image or the video", elem_id="vqa-question")
+    question = gr.Textbox("", label="Question", placeholder="Ask about the image or the video", elem_id="vqa-question")
     with gr.Row():
         ask = gr.Button("Ask", variant="primary")
         stop_button = gr.Button("Stop", variant="stop")
     with gr.Accordion("Settings", open=False):
-        max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens")
+        max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
+                                   elem_id="vqa-max-tokens")
     answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="vqa-answer")
     gr.Markdown(engine.LIMITS_MARKDOWN, elem_classes="limits")
     inputs = [image, video, question, max_new_tokens]
@@ -239,7 +249,8 @@ def build_speech_tab():
                              elem_id="s2s-audio")
             voice = voice_dropdown()
             with gr.Accordion("Settings", open=False):
-                max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens")
+                max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens",
+                                           elem_id="s2s-max-tokens")
             with gr.Row():
                 send = gr.Button("Send", variant="primary")
                 stop_button = gr.Button("Stop", variant="stop")
@@ -269,14 +280,15 @@ def build_thinking_tab():
         image = gr.Image(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None,
                          label="Image (optional, for visual math)", height=220, elem_id="think-image")
         with gr.Column():
-            question = gr.Textbox(label="Question", lines=3, placeholder="e.g. A train leaves at 9:40 and arrives at "
+            question = gr.Textbox("", label="Question", lines=3, placeholder="e.g. A train leaves at 9:40 and arrives at "
                                                                         "11:15. How long is the trip?",
                                   elem_id="think-question")
             with gr.Row():
                 think = gr.Button("Think", variant="primary")
                 stop_button = gr.Button("Stop", variant="stop")
                 clear_button = gr.Button("Clear")
-            max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=1024, step=1, label="Max new tokens")
+            max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=1024, step=1, label="Max new tokens",
+                                       elem_id="think-max-tokens")
     inputs = [question, image, turns, max_new_tokens]
     outputs = [chatbot, question, image, turns]
     events = [think.click(thinking, inputs, outputs, api_name="thinking", **GPU_EVENT),
@@ -325,13 +337,16 @@ def build_demo() -> gr.Blocks:
 demo = build_demo()
 
 
-def launch(args: argparse.Namespace) -> None:
+def launch(args: argparse.Namespace, block: bool = True) -> str:
+    """Serve the demo; returns the local URL (tests call it with block=False)."""
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                max_file_size="500mb", allowed_paths=[EXAMPLES], css=CSS, prevent_thread_lock=True)
+                max_file_size="500mb", allowed_paths=[EXAMPLES], css=CSS, prevent_thread_lock=True, quiet=not block)
     if args.share and not demo.share_url:
         print("\nCould not create a public share link: the gradio.live service cannot be reached from this "
               f"machine. The demo still runs locally at {demo.local_url}\n", flush=True)
-    demo.block_thread()
+    if block:
+        demo.block_thread()
+    return demo.local_url
 
 
 if __name__ == "__main__":

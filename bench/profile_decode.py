@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench import RELEASE_CONFIG, fill_random_, text_prompt
@@ -15,25 +16,34 @@ from ming.modeling import MingOmni
 
 
 def tune_expert_kernels() -> None:
-    """Time the decode experts kernels on full-size shapes for a few block shapes (prints GB/s of weights read)."""
-    from triton.testing import do_bench
+    """Time the decode experts kernels (replayed from a CUDA graph, so launch cost is out) on full-size shapes for
+    a few block shapes, gate/up and down separately; prints the GB/s of weights read."""
+    from triton.testing import do_bench_cudagraph
 
     from ming import kernels
 
     E, I, H, k = 64, 1408, 2048, 6
-    w = [torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    w_gate, w_up = (torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w_down = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16)
-    shared = (torch.randn(2 * I, H, device="cuda", dtype=torch.bfloat16),) * 2 + (
-        torch.randn(H, 2 * I, device="cuda", dtype=torch.bfloat16),
-    )
     x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
-    idx = torch.randperm(E, device="cuda")[:k][None]
-    weight = torch.full((1, k), 1 / k, device="cuda")
-    gigabytes = (3 * k * I * H + 3 * 2 * I * H) * 2 / 1e9
-    for blocks in [(32, 256, 4), (16, 512, 4), (64, 128, 4), (32, 512, 8), (64, 256, 8), (16, 256, 2)]:
-        kernels.GATE_UP_BLOCKS = kernels.DOWN_BLOCKS = blocks
-        ms = do_bench(lambda: kernels.moe_gemv(x, idx, weight, w[0], w[1], w_down, shared), warmup=20, rep=200)
-        print(f"experts GEMV blocks {blocks}: {1000 * ms:.1f} us, {gigabytes / ms * 1000:.0f} GB/s")
+    experts = torch.randperm(E, device="cuda")[:k]
+    weights = torch.full((k,), 1 / k, device="cuda")
+    h = torch.randn(k, I, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, k, H, device="cuda")
+    candidates = [(8, 256, 2), (16, 256, 4), (32, 256, 8), (32, 128, 4), (64, 128, 8), (16, 512, 8), (64, 64, 4), (128, 64, 8)]
+    original = kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS
+    for part, gigabytes in (("gate_up", 2 * k * I * H * 2 / 1e9), ("down", k * I * H * 2 / 1e9)):
+        for bn, bk, warps in candidates:
+            if part == "gate_up":
+                fn = lambda: kernels._gate_up_kernel[(k, triton.cdiv(I, bn))](
+                    x, w_gate, w_up, experts, h, K=H, N=I, TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            else:
+                fn = lambda: kernels._down_kernel[(k, triton.cdiv(H, bn))](
+                    h, w_down, experts, weights, out, K=I, N=H, TOP_K=k, OUT_GROUP=k, OUT_OFFSET=0,
+                    BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            ms = do_bench_cudagraph(fn, rep=100)
+            print(f"{part} blocks {(bn, bk, warps)}: {1000 * ms:.1f} us, {gigabytes / ms * 1000:.0f} GB/s")
+    kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS = original
 
 
 def main() -> None:

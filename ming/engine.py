@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import spaces  # before torch: on ZeroGPU it must patch CUDA before anything touches it
 
+import functools
 import hashlib
 import logging
 import os
@@ -534,8 +535,7 @@ def user_errors(handler: Callable[..., Iterator]) -> Callable[..., Iterator]:
             raise user_error(f"Something went wrong ({type(error).__name__}: {error}). Please try again.",
                              title="Error") from None
 
-    wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
-    return wrapped
+    return functools.wraps(handler)(wrapped)
 
 
 # ================================================================================================= replies and audio
@@ -654,7 +654,9 @@ def asr(audio: str | None, session: str) -> Iterator[str]:
         raise user_error("Record or upload some speech first.", title="No audio")
     waveform = check_audio(audio, MAX_ASR_SECONDS)
     segments = [(16000, segment) for segment in split_for_asr(waveform)]
-    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=256)
+    # A transcript is never longer than the speech: ~3 words a second at most, plus the language tag.
+    longest = max(len(samples) for _, samples in segments) / 16000
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=32 + int(6 * longest))
     inputs = []
     for segment in segments:
         try:

@@ -29,8 +29,9 @@ def _gate_up_kernel(
     expert = tl.load(expert_ptr + pair).to(tl.int64)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Accumulate elementwise and reduce once at the end: a reduction per tile would stall the loads.
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     x_row = x_ptr + (pair // TOP_K) * K
     w_offset = expert * N * K + rows[:, None] * K
     for k0 in range(0, K, BLOCK_K):
@@ -38,13 +39,13 @@ def _gate_up_kernel(
         col_ok = cols < K
         x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
         m = row_ok[:, None] & col_ok[None, :]
-        wg = tl.load(w_gate_ptr + w_offset + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        wu = tl.load(w_up_ptr + w_offset + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        acc_gate += tl.sum(wg * x[None, :], axis=1)
-        acc_up += tl.sum(wu * x[None, :], axis=1)
+        wg = tl.load(w_gate_ptr + w_offset + cols[None, :], mask=m, other=0.0)
+        wu = tl.load(w_up_ptr + w_offset + cols[None, :], mask=m, other=0.0)
+        acc_gate += wg.to(tl.float32) * x[None, :]
+        acc_up += wu.to(tl.float32) * x[None, :]
     # Round each projection to the weight dtype before the activation, as separate linear layers would.
-    gate = acc_gate.to(out_ptr.dtype.element_ty).to(tl.float32)
-    up = acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+    gate = tl.sum(acc_gate, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
+    up = tl.sum(acc_up, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
     h = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + pair * N + rows, h.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -60,15 +61,15 @@ def _down_kernel(
     expert = tl.load(expert_ptr + pair).to(tl.int64)
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     w_offset = expert * N * K + rows[:, None] * K
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         h = tl.load(h_ptr + pair * K + cols, mask=col_ok, other=0.0).to(tl.float32)
         w = tl.load(w_down_ptr + w_offset + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
-    y = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(weight_ptr + pair)
+        acc += w.to(tl.float32) * h[None, :]
+    y = tl.sum(acc, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(weight_ptr + pair)
     out_row = (pair // TOP_K) * OUT_GROUP + OUT_OFFSET + pair % TOP_K
     tl.store(out_ptr + out_row * N + rows, y, mask=row_ok)
 
