@@ -130,9 +130,9 @@ def voice_dropdown() -> gr.Dropdown:
                        info=None if VOICES else "this checkpoint has no speech model")
 
 
-def streaming_reply_audio(visible: bool = True) -> gr.Audio:
+def streaming_reply_audio(elem_id: str, visible: bool = True) -> gr.Audio:
     return gr.Audio(label="Spoken reply (plays while it is made)", streaming=True, autoplay=True, interactive=False,
-                    visible=visible, elem_id=None)
+                    visible=visible, elem_id=elem_id)
 
 
 def run_examples(examples: gr.Examples, handler, inputs, outputs) -> gr.events.Dependency:
@@ -146,7 +146,7 @@ def build_chat_tab():
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(label="Conversation", height=480, latex_delimiters=LATEX, elem_id="chat-chatbot",
                                  buttons=["copy"])
-            reply_audio = streaming_reply_audio(visible=False)
+            reply_audio = streaming_reply_audio("chat-reply-audio", visible=False)
             box = gr.MultimodalTextbox(placeholder="Type a message, attach images, a video or an audio clip, or "
                                                    "record with the microphone…",
                                        sources=["upload", "microphone"], file_types=["image", "video", "audio"],
@@ -174,6 +174,7 @@ def build_chat_tab():
     retry = chatbot.retry(retry_chat, [turns, *settings], [chatbot, reply_audio, turns], api_visibility="private",
                           **GPU_EVENT)
     chatbot.undo(undo_chat, [turns], [chatbot, box, turns], api_visibility="private", queue=False)
+    chatbot.clear(lambda: [], None, turns, api_visibility="private", queue=False)
     speak.change(lambda on: gr.update(visible=on), speak, reply_audio, api_visibility="private", queue=False)
     examples = gr.Examples(
         [
@@ -203,7 +204,7 @@ def build_vision_tab():
     with gr.Row():
         ask = gr.Button("Ask", variant="primary")
         stop_button = gr.Button("Stop", variant="stop")
-    with gr.Accordion("Settings", open=False):
+    with gr.Accordion("Settings", open=False, elem_id="vqa-settings"):
         max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
                                    elem_id="vqa-max-tokens")
     answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="vqa-answer")
@@ -248,7 +249,7 @@ def build_speech_tab():
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your message",
                              elem_id="s2s-audio")
             voice = voice_dropdown()
-            with gr.Accordion("Settings", open=False):
+            with gr.Accordion("Settings", open=False, elem_id="s2s-settings"):
                 max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens",
                                            elem_id="s2s-max-tokens")
             with gr.Row():
@@ -256,7 +257,7 @@ def build_speech_tab():
                 stop_button = gr.Button("Stop", variant="stop")
                 clear_button = gr.Button("Clear")
         with gr.Column(scale=2):
-            reply_audio = streaming_reply_audio()
+            reply_audio = streaming_reply_audio("s2s-reply-audio")
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="s2s-chatbot")
     inputs = [audio, turns, voice, max_new_tokens]
     outputs = [chatbot, reply_audio, turns]
@@ -269,6 +270,7 @@ def build_speech_tab():
     stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
     clear_button.click(lambda: ([], [], None), None, [chatbot, turns, reply_audio], cancels=events,
                        api_visibility="private", queue=False)
+    chatbot.clear(lambda: [], None, turns, api_visibility="private", queue=False)
 
 
 def build_thinking_tab():
@@ -304,6 +306,7 @@ def build_thinking_tab():
     stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
     clear_button.click(lambda: ([], []), None, [chatbot, turns], cancels=events, api_visibility="private",
                        queue=False)
+    chatbot.clear(lambda: [], None, turns, api_visibility="private", queue=False)
 
 
 CSS = """

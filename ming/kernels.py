@@ -13,6 +13,8 @@ file; tests/test_cuda.py pins every kernel to the plain PyTorch ops it replaces.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -74,8 +76,8 @@ def _down_kernel(
     tl.store(out_ptr + out_row * N + rows, y, mask=row_ok)
 
 
-GATE_UP_BLOCKS = (32, 256, 4)  # BLOCK_N, BLOCK_K, num_warps: picked with bench/profile_decode.py on an H100
-DOWN_BLOCKS = (32, 256, 4)
+GATE_UP_BLOCKS = (32, 256, 8)  # BLOCK_N, BLOCK_K, num_warps: picked with bench/profile_decode.py on an H100
+DOWN_BLOCKS = (32, 256, 8)
 
 
 def _experts_gemv(x, experts, weights, w_gate, w_up, w_down, out, top_k: int, out_offset: int) -> None:
@@ -91,6 +93,15 @@ def _experts_gemv(x, experts, weights, w_gate, w_up, w_down, out, top_k: int, ou
     _down_kernel[(pairs, triton.cdiv(hidden, bn))](
         h, w_down, experts, weights, out, K=inter, N=hidden, TOP_K=top_k, OUT_GROUP=out.shape[1],
         OUT_OFFSET=out_offset, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )
+
+
+@functools.cache
+def _shared_expert_routing(tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared expert as "expert 0 of a one-expert stack, weight 1" for every token (made once, not per step)."""
+    return (
+        torch.zeros(tokens, dtype=torch.long, device=device),
+        torch.ones(tokens, dtype=torch.float32, device=device),
     )
 
 
@@ -115,9 +126,8 @@ def moe_gemv(
     _experts_gemv(x, experts, topk_weight.reshape(-1).float().contiguous(), w_gate, w_up, w_down, out, top_k, 0)
     if shared is not None:
         gate, up, down = (w[None] for w in shared)
-        zeros = torch.zeros(T, dtype=torch.long, device=x.device)
-        ones = torch.ones(T, dtype=torch.float32, device=x.device)
-        _experts_gemv(x, zeros, ones, gate, up, down, out, 1, top_k)
+        expert_zero, weight_one = _shared_expert_routing(T, x.device)
+        _experts_gemv(x, expert_zero, weight_one, gate, up, down, out, 1, top_k)
     return out.sum(dim=1).to(x.dtype)
 
 
@@ -157,26 +167,145 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 
 
 @triton.jit
-def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, HEADS: tl.constexpr, ROTATED: tl.constexpr, D: tl.constexpr):
-    token = tl.program_id(0)
-    head = tl.program_id(1)  # one of the first ROTATED heads (queries, then keys)
+def _rope_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, cache_pos_ptr,
+    L: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    WRITE_CACHE: tl.constexpr,
+):
+    token = tl.program_id(0)  # b * L + l
+    head = tl.program_id(1)  # queries, then keys, then values of the fused projection
     half = tl.arange(0, D // 2)
-    base = qkv_ptr + (token * HEADS + head) * D
-    x1 = tl.load(base + half).to(tl.float32)
-    x2 = tl.load(base + D // 2 + half).to(tl.float32)
-    cos = tl.load(cos_ptr + token * D + half)
-    sin = tl.load(sin_ptr + token * D + half)
-    tl.store(base + half, (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty))
-    tl.store(base + D // 2 + half, (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty))
+    base = qkv_ptr + (token * (Q_HEADS + 2 * KV_HEADS) + head) * D
+    x1 = tl.load(base + half)
+    x2 = tl.load(base + D // 2 + half)
+    if head < Q_HEADS + KV_HEADS:
+        cos = tl.load(cos_ptr + token * D + half)
+        sin = tl.load(sin_ptr + token * D + half)
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        x1 = (x1f * cos - x2f * sin).to(qkv_ptr.dtype.element_ty)
+        x2 = (x2f * cos + x1f * sin).to(qkv_ptr.dtype.element_ty)
+        tl.store(base + half, x1)
+        tl.store(base + D // 2 + half, x2)
+    if WRITE_CACHE and head >= Q_HEADS:
+        kv_head = (head - Q_HEADS) % KV_HEADS
+        pos = tl.load(cache_pos_ptr + token % L)
+        row = ((token // L) * KV_HEADS + kv_head) * S + pos
+        if head < Q_HEADS + KV_HEADS:
+            tl.store(k_cache_ptr + row * D + half, x1)
+            tl.store(k_cache_ptr + row * D + D // 2 + half, x2)
+        else:
+            tl.store(v_cache_ptr + row * D + half, x1)
+            tl.store(v_cache_ptr + row * D + D // 2 + half, x2)
 
 
-def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated_heads: int) -> None:
-    """In place on the fused projection output qkv [B, L, heads, D] (contiguous): rotate the first
-    `rotated_heads` heads (queries and keys; values stay). cos/sin: [B, L, D] float32, NeoX layout."""
+def rope_(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cache_position: torch.Tensor | None = None,
+) -> None:
+    """In place on the fused projection output qkv [B, L, heads, D] (contiguous): rotate the query and key heads
+    (NeoX layout; cos/sin [B, L, D] float32) and, with a cache, also write the keys and values at
+    `cache_position` [L] of cache (k, v) [B, kv_heads, S, D]. One kernel for what is otherwise about twenty."""
     B, L, heads, D = qkv.shape
-    _rope_kernel[(B * L, rotated_heads)](
-        qkv, cos.contiguous(), sin.contiguous(), HEADS=heads, ROTATED=rotated_heads, D=D, num_warps=1
+    k_cache, v_cache = cache if cache is not None else (qkv, qkv)
+    _rope_kernel[(B * L, heads)](
+        qkv, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
+        cache_position if cache_position is not None else cos,
+        L=L, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, D=D, S=k_cache.shape[2] if cache is not None else 1,
+        WRITE_CACHE=cache is not None, num_warps=1,
     )
+
+
+@triton.jit
+def _decode_attention_partial(
+    qkv_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, stats_ptr, scale,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    bh = tl.program_id(0)  # b * KV_HEADS + kv head
+    chunk = tl.program_id(1)
+    num_chunks = tl.num_programs(1)
+    b, kv_head = bh // KV_HEADS, bh % KV_HEADS
+    group = Q_HEADS // KV_HEADS
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    s = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = tl.load(valid_ptr + b * S + s).to(tl.int1)
+    part = (bh * num_chunks + chunk) * GROUP_PAD + g
+    if tl.sum(valid.to(tl.int32), axis=0) == 0:  # past the end of the sequence: nothing to read
+        tl.store(stats_ptr + part * 2, tl.full([GROUP_PAD], float("-inf"), tl.float32))
+        tl.store(stats_ptr + part * 2 + 1, tl.zeros([GROUP_PAD], tl.float32))
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], tl.zeros([GROUP_PAD, D], tl.float32))
+    else:
+        q_rows = b * (Q_HEADS + 2 * KV_HEADS) + kv_head * group + g
+        q = tl.load(qkv_ptr + q_rows[:, None] * D + d[None, :], mask=(g < group)[:, None], other=0.0)
+        kv_rows = bh * S + s
+        k = tl.load(k_ptr + kv_rows[:, None] * D + d[None, :])
+        scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, CHUNK], float32
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m = tl.max(scores, axis=1)
+        p = tl.exp(scores - m[:, None])
+        v = tl.load(v_ptr + kv_rows[:, None] * D + d[None, :])
+        acc = tl.dot(p.to(v.dtype), v)
+        tl.store(stats_ptr + part * 2, m)
+        tl.store(stats_ptr + part * 2 + 1, tl.sum(p, axis=1))
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def _decode_attention_combine(
+    acc_ptr, stats_ptr, out_ptr,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    group = Q_HEADS // KV_HEADS
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    for c in range(NUM_CHUNKS):
+        m_all = tl.maximum(m_all, tl.load(stats_ptr + ((bh * NUM_CHUNKS + c) * GROUP_PAD + g) * 2))
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    out = tl.zeros([GROUP_PAD, D], tl.float32)
+    for c in range(NUM_CHUNKS):
+        part = (bh * NUM_CHUNKS + c) * GROUP_PAD + g
+        m = tl.load(stats_ptr + part * 2)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+        total += w * tl.load(stats_ptr + part * 2 + 1)
+        out += w[:, None] * tl.load(acc_ptr + part[:, None] * D + d[None, :])
+    out = out / total[:, None]
+    b, kv_head = bh // KV_HEADS, bh % KV_HEADS
+    rows = b * Q_HEADS + kv_head * group + g
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < group)[:, None])
+
+
+def decode_attention(
+    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """One new token per row over the whole cache (split over chunks of keys, then combined: flash decoding).
+
+    qkv [B, 1, heads, D] holds the rotated queries; caches [B, kv_heads, S, D]; key_valid [B, S] bool.
+    Returns [B, num_heads, D]. Chunks past the sequence's end are skipped, so a large cache bucket costs nothing."""
+    B, _, heads, D = qkv.shape
+    kv_heads, S = k_cache.shape[1], k_cache.shape[2]
+    chunk = min(256, S)
+    num_chunks = S // chunk
+    group_pad = max(16, triton.next_power_of_2(num_heads // kv_heads))
+    acc = torch.empty(B * kv_heads * num_chunks * group_pad, D, dtype=torch.float32, device=qkv.device)
+    stats = torch.empty(B * kv_heads * num_chunks * group_pad, 2, dtype=torch.float32, device=qkv.device)
+    _decode_attention_partial[(B * kv_heads, num_chunks)](
+        qkv, k_cache, v_cache, key_valid, acc, stats, D**-0.5,
+        Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP_PAD=group_pad, D=D, S=S, CHUNK=chunk, num_warps=4,
+    )
+    out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
+    _decode_attention_combine[(B * kv_heads,)](
+        acc, stats, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP_PAD=group_pad, D=D, NUM_CHUNKS=num_chunks,
+        num_warps=4,
+    )
+    return out
 
 
 @triton.jit

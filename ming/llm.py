@@ -106,11 +106,10 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         qkv = self.query_key_value(x).view(B, L, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         if use_triton(x):
-            kernels.rope_(qkv, *rope, rotated_heads=self.num_heads + self.num_kv_heads)
+            return self.dense(self._fused_attention(qkv, rope, mask, cache, cache_position).reshape(B, L, -1))
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if not use_triton(x):
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             cache.k.index_copy_(2, cache_position, k)
             cache.v.index_copy_(2, cache_position, v)
@@ -121,6 +120,21 @@ class Attention(nn.Module):
         )
         return self.dense(out.transpose(1, 2).reshape(B, L, -1))
 
+
+    def _fused_attention(self, qkv, rope, mask, cache, cache_position) -> torch.Tensor:
+        """The GPU path: one kernel rotates q/k and writes the cache, one more pair attends (decode)."""
+        B, L = qkv.shape[:2]
+        kv_cache = None if cache is None else (cache.k, cache.v)
+        kernels.rope_(qkv, *rope, self.num_heads, self.num_kv_heads, kv_cache, cache_position)
+        if cache is not None and L == 1:
+            key_valid = mask.reshape(B, -1)
+            return kernels.decode_attention(qkv, cache.k, cache.v, key_valid, self.num_heads)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.transpose(1, 2)
 
     def _decode_attention(self, q: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
         """One query per row over the whole cache. The query heads of a KV group attend together, so each cached

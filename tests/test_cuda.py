@@ -94,9 +94,26 @@ def test_triton_norm_rope_and_router_match_torch():
     cos, sin = rope_cos_sin(torch.tensor([[7, 8, 9]], device="cuda"), 128, 600000.0)
     want_q = apply_rope(qkv.float().transpose(1, 2), cos, sin).transpose(1, 2)
     rotated = qkv.clone()
-    kernels.rope_(rotated, cos, sin, rotated_heads=20)
+    k_cache, v_cache = torch.zeros(2, 1, 4, 16, 128, device="cuda", dtype=torch.bfloat16)
+    kernels.rope_(rotated, cos, sin, 16, 4, (k_cache, v_cache), torch.tensor([5, 6, 7], device="cuda"))
     torch.testing.assert_close(rotated[:, :, :20].float(), want_q[:, :, :20], rtol=2e-2, atol=2e-2)
     assert torch.equal(rotated[:, :, 20:], qkv[:, :, 20:])
+    assert torch.equal(k_cache[0, :, 5:8], rotated[0, :, 16:20].transpose(0, 1))
+    assert torch.equal(v_cache[0, :, 5:8], qkv[0, :, 20:24].transpose(0, 1))
+    assert not k_cache[:, :, :5].any() and not v_cache[:, :, 8:].any()
+
+    # Decode attention over a 1,024-slot cache with 300 valid keys (a hole at 10..19) against plain softmax.
+    q_qkv = torch.randn(2, 1, 24, 128, device="cuda", dtype=torch.bfloat16)
+    kc, vc = torch.randn(2, 2, 4, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    valid = torch.zeros(2, 1024, dtype=torch.bool, device="cuda")
+    valid[:, :300] = True
+    valid[1, 10:20] = False
+    got = kernels.decode_attention(q_qkv, kc, vc, valid, 16)
+    q = q_qkv[:, 0, :16].float().view(2, 4, 4, 128)
+    scores = (q @ kc.float().transpose(-1, -2)) / 128**0.5
+    probs = scores.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1)
+    want = (probs @ vc.float()).view(2, 16, 128)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
     logits = torch.randn(4, 64, device="cuda")
     idx, weight = kernels.route_topk(logits, 6, renormalize=True)

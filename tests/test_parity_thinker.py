@@ -130,7 +130,7 @@ def inputs_of(processor):
 
 @pytest.mark.parametrize("case", CASES)
 def test_goldens_were_made_from_these_messages(case):
-    golden, metadata = load_golden(case)
+    _, metadata = load_golden(case)
     assert json.loads(metadata["messages"]) == CASES[case]
 
 
@@ -148,7 +148,7 @@ def test_tiny_checkpoint_is_the_one_the_goldens_used(checkpoint):
 
 @pytest.mark.parametrize("case", CASES)
 def test_processor_matches_reference(case, inputs_of):
-    golden, metadata = load_golden(case)
+    golden, _ = load_golden(case)
     inputs = inputs_of(case)
     for key in INTEGER_KEYS:
         if key in golden:

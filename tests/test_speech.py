@@ -121,6 +121,17 @@ def test_talker_matches_reference_logits(talker):
         assert rel < 1e-4, rel
 
 
+def test_talker_kv_cache_chunks_equal_one_pass(talker):
+    """Positions fed in several chunks through the cache give the same states as one causal pass."""
+    with torch.inference_mode():
+        embeds = talker.embed_prefix(torch.randn(1, 192), torch.randn(1, 9, 64))
+        whole = talker.model.model(embeds, talker.new_cache(embeds.shape[1]))
+        cache = talker.new_cache(2)  # also grows on the way
+        parts = [talker.model.model(embeds[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 13), (13, None))]
+    assert cache.length == embeds.shape[1]
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_talker_weights_are_in_the_main_safetensors(talker_ckpt, tmp_path):
     with safe_open(os.path.join(talker_ckpt, "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())

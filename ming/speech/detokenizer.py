@@ -68,7 +68,9 @@ def _resolve(value, root: dict):
     if isinstance(value, _Ref):
         match = _REF_TARGET.match(value.strip())
         if match is None:
-            raise ValueError(f"unsupported !ref expression {str(value)!r} (only <key> and <key[sub]...> are read)")
+            return str(value)  # hyperpyyaml arithmetic such as `<a> * 2`: kept as text, only plain refs are needed
+        if match.group(1) not in root:
+            raise ValueError(f"!ref {str(value)!r} names no top-level key of the yaml")
         target = root[match.group(1)]
         for part in re.findall(r"\[([^\]]+)\]", match.group(2)):
             target = target[part]
@@ -126,10 +128,6 @@ class AudioDetokenizer:
     @property
     def sample_rate(self) -> int:
         return self.hift.config.sampling_rate
-
-    @property
-    def samples_per_token(self) -> float:
-        return self.sample_rate / self.flow.config.input_frame_rate
 
     def token_to_mel(
         self,

@@ -112,10 +112,11 @@ def _check_supported_encoder(encoder: dict) -> None:
 
 
 def mel_frame_count(num_tokens: int, config: FlowConfig) -> int:
-    """Mel frames for `num_tokens` speech tokens: trunc(tokens / 50 * 22050 / 256).
+    """Mel frames for `num_tokens` speech tokens: trunc(tokens / 50 * 22050 / 256) = floor(tokens * 441 / 256).
 
-    The release evaluates this on an int32 tensor in float32 and truncates; the same float32 steps are used here so
-    the frame count is identical for every length (exact arithmetic would give one frame more at some lengths).
+    The release evaluates this on an int32 tensor in float32 and truncates. The same float32 steps are used here so
+    the count is identical at every length: it equals the exact floor up to 13,567 tokens (271 s); beyond that,
+    float32 rounding moves it by one frame either way.
     """
     tokens = torch.tensor(num_tokens, dtype=torch.float32)
     return int(tokens / config.input_frame_rate * config.sample_rate / config.hop_size)
@@ -295,6 +296,24 @@ class ResnetBlock1D(nn.Module):
         return self.block2(h) + self.res_conv(x)
 
 
+class Downsample1D(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample1D(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(dim, dim, 4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; the inner width heads * head_dim may differ from the model width."""
 
@@ -429,24 +448,6 @@ class ConditionalUNet(nn.Module):
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
             x = upsample(_run_transformers(blocks, resnet(x, time_emb)))
         return self.final_proj(self.final_block(x))
-
-
-class Downsample1D(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.conv = nn.Conv1d(dim, dim, 3, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample1D(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.conv = nn.ConvTranspose1d(dim, dim, 4, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
 
 class ConditionalFlowMatching(nn.Module):

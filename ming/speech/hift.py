@@ -214,9 +214,7 @@ class HiFTGenerator(nn.Module):
         )
 
         # The source STFT enters every stage, brought down to that stage's frame rate by a strided conv.
-        stage_strides = []
-        for i in range(len(config.upsample_rates)):
-            stage_strides.append(math.prod(config.upsample_rates[i + 1 :]))
+        stage_strides = [math.prod(config.upsample_rates[i + 1 :]) for i in range(len(config.upsample_rates))]
         self.source_downs = nn.ModuleList()
         self.source_resblocks = nn.ModuleList()
         for i, (stride, k, d) in enumerate(
@@ -269,12 +267,10 @@ class HiFTGenerator(nn.Module):
         dtype = self.conv_pre.weight.dtype
         mel = mel.to(self.conv_pre.weight.device)
 
-        f0 = self.f0_predictor(mel.float())
-        mel = mel.to(dtype)
-        f0 = f0.repeat_interleave(config.hop_size, dim=-1)  # nearest upsampling to the sample rate
+        f0 = self.f0_predictor(mel.float()).repeat_interleave(config.hop_size, dim=-1)  # nearest, to the sample rate
         source = self._stft(self.m_source(f0, generator).squeeze(1)).to(dtype)
 
-        x = self.conv_pre(mel)
+        x = self.conv_pre(mel.to(dtype))
         kernels_per_stage = len(config.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, config.lrelu_slope))

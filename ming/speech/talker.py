@@ -191,12 +191,15 @@ class Attention(nn.Module):
         cache.values[layer][:, :, start:end] = v
         k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
 
-        # One new position sees everything cached; several see the cache plus their own causal past.
+        # One new position sees everything cached; several see the cache plus their own causal past (from an empty
+        # cache that is plain causal attention, which lets SDPA pick its fused kernels for a long prefix).
         mask = None
-        if n > 1:
+        if n > 1 and start > 0:
             query_pos = torch.arange(start, end, device=x.device)[:, None]
             mask = torch.arange(end, device=x.device)[None, :] <= query_pos
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=n > 1 and start == 0, enable_gqa=self.num_kv_heads != self.num_heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(1, n, self.num_heads * self.head_dim))
 
 

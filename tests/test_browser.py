@@ -1,0 +1,232 @@
+"""The Space in a real browser: Playwright drives Debian's Chromium (headless) against app.py on localhost with the
+tiny checkpoint. Every tab is visited; each runs one of its examples, and real media go through the page's own
+upload inputs (an image in Chat, a video in Image & video QA, a wav in ASR) and Chromium's fake microphone (a wav
+played as the mic) for a voice turn. Screenshots land in tests/artifacts/ (gitignored).
+
+The test checks what a user sees: text that grows while it streams, the "Thinking" block, and audio players.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import time
+
+import pytest
+
+os.environ.setdefault("MING_MODEL", "tiny")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("Chromium is not installed (apt-get install chromium, or scripts/setup.sh --dev)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+expect = sync_api.expect
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples")
+ARTIFACTS = os.path.join(REPO, "tests", "artifacts")
+MICROPHONE_WAV = os.path.join(EXAMPLES, "audio", "capital_question.wav")
+TIMEOUT_MS = 90_000  # generous: the CPU may be shared
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    import app as space
+
+    local_url = space.launch(argparse.Namespace(host="127.0.0.1", port=free_port(), share=False), block=False)
+    yield local_url
+    space.demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run",
+                  # Gradio's own recipe for microphone tests: a wav file plays as the microphone.
+                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                  f"--use-file-for-fake-audio-capture={MICROPHONE_WAV}"],
+        )
+        context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["microphone"])
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        page.goto(url)
+        page.wait_for_selector("#chat-input")
+        yield page
+        browser.close()
+
+
+def screenshot(page, name: str) -> None:
+    page.screenshot(path=os.path.join(ARTIFACTS, f"{name}.png"), full_page=True)
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def set_number(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def watch(read, done, timeout: float = TIMEOUT_MS / 1000) -> list[str]:
+    """Poll `read()` until `done()`; return the distinct non-empty values seen, in order (the streamed states)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = read()
+        if value and (not seen or seen[-1] != value):
+            seen.append(value)
+        if done():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"timed out; last value seen: {seen[-1:]!r}")
+    value = read()
+    if value and seen[-1] != value:
+        seen.append(value)
+    return seen
+
+
+def finished(page, elem_id: str):
+    """A check that turns true once the event writing to this component has run and ended: its progress tracker
+    shows (pending, then "generating" while it streams), then hides again."""
+    tracker = page.locator(f"#{elem_id} [data-testid=status-tracker]").first
+    busy = False
+
+    def done() -> bool:
+        nonlocal busy
+        if "hide" not in (tracker.get_attribute("class") or ""):
+            busy = True
+        return busy and "hide" in (tracker.get_attribute("class") or "")
+
+    return done
+
+
+def last_bot_text(page, chatbot: str):
+    bots = page.locator(f"#{chatbot} [data-testid=bot]")
+    return lambda: bots.last.inner_text().strip() if bots.count() else ""
+
+
+def test_page_shows_the_tiny_model_banner_and_five_tabs(page):
+    expect(page.locator("#banner")).to_contain_text("tiny random weights: answers are noise")
+    for name in ("Chat", "Image & video QA", "ASR", "Speech-to-speech", "Thinking"):
+        expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
+    screenshot(page, "00-start")
+
+
+def test_chat_runs_an_example_an_upload_and_a_spoken_reply(page):
+    open_tab(page, "Chat")
+    set_number(page, "chat-max-tokens", 48)
+    page.get_by_text("Image: describe a street scene", exact=True).click()
+    states = watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
+    assert len(states) >= 2, f"the reply should stream, saw {states!r}"
+    expect(page.locator("#chat-chatbot [data-testid=user] img")).to_have_count(1)
+
+    # An image uploaded through the message box's own file input, with a question.
+    page.locator("#chat-input input[type=file]").set_input_files(os.path.join(EXAMPLES, "images", "fruit_chart.png"))
+    expect(page.locator("#chat-input img")).to_have_count(1)  # the attachment preview
+    page.locator("#chat-input textarea").fill("Which fruit sold the most?")
+    page.locator("#chat-input textarea").press("Enter")
+    expect(page.locator("#chat-chatbot [data-testid=user]")).to_have_count(2)
+    states = watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
+    assert len(states) >= 2, f"the reply should stream, saw {states!r}"
+
+    # "Reply with voice": the streaming player appears and the reply keeps its full clip in the history.
+    page.locator("#chat-speak input[type=checkbox]").check()
+    expect(page.locator("#chat-reply-audio")).to_be_visible()
+    set_number(page, "chat-max-tokens", 10)
+    page.locator("#chat-input textarea").fill("Say hello.")
+    page.locator("#chat-input textarea").press("Enter")
+    expect(page.locator("#chat-chatbot [data-testid=user]")).to_have_count(3)
+    expect(page.locator("#chat-chatbot .bot-row audio, #chat-chatbot [data-testid=bot] audio").first).to_be_attached()
+    watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
+    expect(page.locator("#chat-reply-audio audio")).to_be_attached()
+    screenshot(page, "01-chat")
+
+    # Undo takes the last turn back into the message box.
+    page.locator("#chat-chatbot button[aria-label=Undo]").last.click()
+    expect(page.locator("#chat-chatbot [data-testid=user]")).to_have_count(2)
+    expect(page.locator("#chat-input textarea")).to_have_value("Say hello.")
+
+
+def test_vision_qa_answers_about_an_uploaded_video_and_an_example(page):
+    open_tab(page, "Image & video QA")
+    page.locator("#vqa-settings").get_by_text("Settings").click()
+    set_number(page, "vqa-max-tokens", 48)
+    page.locator("#vqa-video input[type=file]").set_input_files(os.path.join(EXAMPLES, "video", "bouncing_ball.mp4"))
+    expect(page.locator("#vqa-video video")).to_be_attached()
+    page.locator("#vqa-question textarea").fill("What moves in this clip?")
+    page.get_by_role("button", name="Ask", exact=True).click()
+    answer = page.locator("#vqa-answer textarea")
+    states = watch(answer.input_value, finished(page, "vqa-answer"))
+    assert len(states) >= 2, f"the answer should stream, saw {states!r}"
+
+    page.locator("#vqa-video button[aria-label=Clear]").click()
+    page.get_by_text("Read a shop sign", exact=True).click()
+    expect(page.locator("#vqa-image img")).to_be_attached()
+    assert watch(answer.input_value, finished(page, "vqa-answer"))[-1] != states[-1]
+    screenshot(page, "02-vision-qa")
+
+
+def test_asr_transcribes_an_uploaded_wav_and_an_example(page):
+    open_tab(page, "ASR")
+    page.locator("#asr-audio input[type=file]").set_input_files(os.path.join(EXAMPLES, "audio", "fox_sentence.wav"))
+    page.get_by_role("button", name="Transcribe", exact=True).click()
+    transcript = page.locator("#asr-transcript textarea")
+    states = watch(transcript.input_value, finished(page, "asr-transcript"))
+    assert len(states) >= 2, f"the transcript should stream, saw {states!r}"
+
+    page.get_by_text("English: a request", exact=True).click()
+    assert watch(transcript.input_value, finished(page, "asr-transcript"))[-1] != states[-1]
+    screenshot(page, "03-asr")
+
+
+def test_speech_to_speech_takes_a_microphone_turn_and_an_example(page):
+    open_tab(page, "Speech-to-speech")
+    page.locator("#s2s-settings").get_by_text("Settings").click()
+    set_number(page, "s2s-max-tokens", 8)
+    microphone = page.locator("#s2s-audio")
+    microphone.get_by_role("button", name="Record", exact=True).click()
+    page.wait_for_timeout(2500)  # the fake microphone plays the wav while this records
+    microphone.get_by_role("button", name="Stop", exact=True).click()  # stopping the recording sends it
+
+    expect(page.locator("#s2s-chatbot [data-testid=user] audio, #s2s-chatbot .user-row audio").first).to_be_attached()
+    states = watch(last_bot_text(page, "s2s-chatbot"), finished(page, "s2s-chatbot"))
+    assert states[-1], "the spoken reply comes with its text"
+    expect(page.locator("#s2s-chatbot .bot-row audio, #s2s-chatbot [data-testid=bot] audio").first).to_be_attached()
+    expect(page.locator("#s2s-reply-audio audio")).to_be_attached()
+
+    page.get_by_text("“Tell me a story about a robot”", exact=True).click()
+    expect(page.locator("#s2s-chatbot [data-testid=user]")).to_have_count(2)
+    watch(last_bot_text(page, "s2s-chatbot"), finished(page, "s2s-chatbot"))
+    expect(page.locator("#s2s-chatbot .bot-row audio, #s2s-chatbot [data-testid=bot] audio")).to_have_count(2)
+    screenshot(page, "04-speech-to-speech")
+
+
+def test_thinking_streams_reasoning_in_a_collapsible_block(page):
+    open_tab(page, "Thinking")
+    set_number(page, "think-max-tokens", 48)
+    page.get_by_text("Visual math: a right triangle", exact=True).click()
+    expect(page.locator("#think-chatbot").get_by_text("Thinking").first).to_be_visible()
+    states = watch(last_bot_text(page, "think-chatbot"), finished(page, "think-chatbot"))
+    assert len(states) >= 2, f"the reasoning should stream, saw {states!r}"
+    expect(page.locator("#think-chatbot [data-testid=user] img")).to_have_count(1)
+    screenshot(page, "05-thinking")
