@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .generation import SamplingConfig, select_next_token
-from .llm import BailingMoeForCausalLM, decode_mask, prefill_mask, use_grouped_mm
+from .llm import BailingMoeForCausalLM, decode_mask, prefill_mask, use_triton
 
 if TYPE_CHECKING:
     from .modeling import MingOmni
@@ -25,9 +25,12 @@ MIN_BUCKET = 1024
 
 
 def cuda_graphs_enabled(model: "MingOmni") -> bool:
-    """Graphs need a decode step without host syncs: the bf16 GPU experts path (grouped GEMM / Triton GEMV)."""
-    probe = torch.empty(0, device=model.device, dtype=model.dtype)
-    return use_grouped_mm(probe) and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
+    """Graphs need a decode step without host syncs: the bf16 GPU path (Triton kernels / grouped GEMM)."""
+    return fast_gpu_path(model) and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
+
+
+def fast_gpu_path(model: "MingOmni") -> bool:
+    return use_triton(torch.empty(0, device=model.device, dtype=model.dtype))
 
 
 class DecodeStep:
@@ -85,15 +88,18 @@ def decode_step_for(model: "MingOmni", batch: int, needed: int) -> DecodeStep:
     """A DecodeStep whose cache holds `needed` slots. On CUDA, steps are kept per (batch, power-of-two bucket) and
     reused across requests; elsewhere each generation gets a cache of exactly the size it needs."""
     llm, device = model.model, model.device
-    if not cuda_graphs_enabled(model):
-        return DecodeStep(llm, batch, needed, model.dtype, device, use_graph=False)
     limit = model.config.llm_config.max_position_embeddings
     if needed > limit:
         raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context of {limit} tokens")
+    if not fast_gpu_path(model):
+        return DecodeStep(llm, batch, needed, model.dtype, device, use_graph=False)
+    # The GPU kernels read the cache in power-of-two chunks; buckets also let captured graphs be reused.
     bucket = MIN_BUCKET
     while bucket < needed:
         bucket *= 2
     bucket = min(bucket, limit)
+    if not cuda_graphs_enabled(model):
+        return DecodeStep(llm, batch, bucket, model.dtype, device, use_graph=False)
     steps: dict = model.__dict__.setdefault("_decode_steps", {})
     key = (batch, bucket)
     if key not in steps:

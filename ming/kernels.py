@@ -76,8 +76,11 @@ def _down_kernel(
     tl.store(out_ptr + out_row * N + rows, y, mask=row_ok)
 
 
-GATE_UP_BLOCKS = (32, 256, 8)  # BLOCK_N, BLOCK_K, num_warps: picked with bench/profile_decode.py on an H100
+# (BLOCK_N, BLOCK_K, num_warps), picked with bench/profile_decode.py on an H100: wide blocks when there are several
+# (token, expert) pairs, narrow ones for a single pair (the shared expert) so that it still fills every SM.
+GATE_UP_BLOCKS = (32, 256, 8)
 DOWN_BLOCKS = (32, 256, 8)
+SINGLE_PAIR_BLOCKS = (8, 256, 2)
 
 
 def _experts_gemv(x, experts, weights, w_gate, w_up, w_down, out, top_k: int, out_offset: int) -> None:
@@ -85,11 +88,11 @@ def _experts_gemv(x, experts, weights, w_gate, w_up, w_down, out, top_k: int, ou
     pairs, hidden = experts.numel(), x.shape[1]
     inter = w_gate.shape[1]
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    bn, bk, warps = GATE_UP_BLOCKS
+    bn, bk, warps = GATE_UP_BLOCKS if pairs > 1 else SINGLE_PAIR_BLOCKS
     _gate_up_kernel[(pairs, triton.cdiv(inter, bn))](
         x, w_gate, w_up, experts, h, K=hidden, N=inter, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps
     )
-    bn, bk, warps = DOWN_BLOCKS
+    bn, bk, warps = DOWN_BLOCKS if pairs > 1 else SINGLE_PAIR_BLOCKS
     _down_kernel[(pairs, triton.cdiv(hidden, bn))](
         h, w_down, experts, weights, out, K=inter, N=hidden, TOP_K=top_k, OUT_GROUP=out.shape[1],
         OUT_OFFSET=out_offset, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
@@ -292,6 +295,8 @@ def decode_attention(
     B, _, heads, D = qkv.shape
     kv_heads, S = k_cache.shape[1], k_cache.shape[2]
     chunk = min(256, S)
+    if S % chunk or chunk & (chunk - 1):
+        raise ValueError(f"decode_attention needs a power-of-two cache length (or a multiple of 256), got {S}")
     num_chunks = S // chunk
     group_pad = max(16, triton.next_power_of_2(num_heads // kv_heads))
     acc = torch.empty(B * kv_heads * num_chunks * group_pad, D, dtype=torch.float32, device=qkv.device)

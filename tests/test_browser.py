@@ -121,7 +121,7 @@ def finished(page, elem_id: str):
 
 
 def last_bot_text(page, chatbot: str):
-    bots = page.locator(f"#{chatbot} [data-testid=bot]")
+    bots = page.locator(f"#{chatbot} .bot-row")
     return lambda: bots.last.inner_text().strip() if bots.count() else ""
 
 
@@ -138,14 +138,14 @@ def test_chat_runs_an_example_an_upload_and_a_spoken_reply(page):
     page.get_by_text("Image: describe a street scene", exact=True).click()
     states = watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
     assert len(states) >= 2, f"the reply should stream, saw {states!r}"
-    expect(page.locator("#chat-chatbot [data-testid=user] img")).to_have_count(1)
+    expect(page.locator("#chat-chatbot .user-row img")).to_have_count(1)
 
     # An image uploaded through the message box's own file input, with a question.
     page.locator("#chat-input input[type=file]").set_input_files(os.path.join(EXAMPLES, "images", "fruit_chart.png"))
     expect(page.locator("#chat-input img")).to_have_count(1)  # the attachment preview
     page.locator("#chat-input textarea").fill("Which fruit sold the most?")
     page.locator("#chat-input textarea").press("Enter")
-    expect(page.locator("#chat-chatbot [data-testid=user]")).to_have_count(2)
+    expect(page.locator("#chat-chatbot .user-row")).to_have_count(2)
     states = watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
     assert len(states) >= 2, f"the reply should stream, saw {states!r}"
 
@@ -155,15 +155,15 @@ def test_chat_runs_an_example_an_upload_and_a_spoken_reply(page):
     set_number(page, "chat-max-tokens", 10)
     page.locator("#chat-input textarea").fill("Say hello.")
     page.locator("#chat-input textarea").press("Enter")
-    expect(page.locator("#chat-chatbot [data-testid=user]")).to_have_count(3)
-    expect(page.locator("#chat-chatbot .bot-row audio, #chat-chatbot [data-testid=bot] audio").first).to_be_attached()
+    expect(page.locator("#chat-chatbot .user-row")).to_have_count(3)
+    expect(page.locator("#chat-chatbot .bot-row audio").first).to_be_attached()
     watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
     expect(page.locator("#chat-reply-audio audio")).to_be_attached()
     screenshot(page, "01-chat")
 
     # Undo takes the last turn back into the message box.
     page.locator("#chat-chatbot button[aria-label=Undo]").last.click()
-    expect(page.locator("#chat-chatbot [data-testid=user]")).to_have_count(2)
+    expect(page.locator("#chat-chatbot .user-row")).to_have_count(2)
     expect(page.locator("#chat-input textarea")).to_have_value("Say hello.")
 
 
@@ -208,16 +208,16 @@ def test_speech_to_speech_takes_a_microphone_turn_and_an_example(page):
     page.wait_for_timeout(2500)  # the fake microphone plays the wav while this records
     microphone.get_by_role("button", name="Stop", exact=True).click()  # stopping the recording sends it
 
-    expect(page.locator("#s2s-chatbot [data-testid=user] audio, #s2s-chatbot .user-row audio").first).to_be_attached()
+    expect(page.locator("#s2s-chatbot .user-row audio").first).to_be_attached()
     states = watch(last_bot_text(page, "s2s-chatbot"), finished(page, "s2s-chatbot"))
     assert states[-1], "the spoken reply comes with its text"
-    expect(page.locator("#s2s-chatbot .bot-row audio, #s2s-chatbot [data-testid=bot] audio").first).to_be_attached()
+    expect(page.locator("#s2s-chatbot .bot-row audio").first).to_be_attached()
     expect(page.locator("#s2s-reply-audio audio")).to_be_attached()
 
     page.get_by_text("“Tell me a story about a robot”", exact=True).click()
-    expect(page.locator("#s2s-chatbot [data-testid=user]")).to_have_count(2)
+    expect(page.locator("#s2s-chatbot .user-row")).to_have_count(2)
     watch(last_bot_text(page, "s2s-chatbot"), finished(page, "s2s-chatbot"))
-    expect(page.locator("#s2s-chatbot .bot-row audio, #s2s-chatbot [data-testid=bot] audio")).to_have_count(2)
+    expect(page.locator("#s2s-chatbot .bot-row audio")).to_have_count(2)
     screenshot(page, "04-speech-to-speech")
 
 
@@ -228,5 +228,5 @@ def test_thinking_streams_reasoning_in_a_collapsible_block(page):
     expect(page.locator("#think-chatbot").get_by_text("Thinking").first).to_be_visible()
     states = watch(last_bot_text(page, "think-chatbot"), finished(page, "think-chatbot"))
     assert len(states) >= 2, f"the reasoning should stream, saw {states!r}"
-    expect(page.locator("#think-chatbot [data-testid=user] img")).to_have_count(1)
+    expect(page.locator("#think-chatbot .user-row img")).to_have_count(1)
     screenshot(page, "05-thinking")
