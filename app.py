@@ -99,8 +99,11 @@ def asr(audio, request: gr.Request):
 
 def speech_to_speech(audio, turns, voice, max_new_tokens, request: gr.Request):
     sampling = Sampling(max_new_tokens=max_new_tokens)
+    first = True
     for turns, progress in engine.speech_to_speech(turns, audio, voice, sampling, request.session_hash):
-        yield engine.chat_messages(turns, pending=not progress.done), progress.audio or gr.skip(), turns
+        cleared = None if first else gr.skip()  # the recording moves into the conversation; the mic is ready again
+        first = False
+        yield engine.chat_messages(turns, pending=not progress.done), progress.audio or gr.skip(), cleared, turns
 
 
 def thinking(text, image, turns, max_new_tokens, request: gr.Request):
@@ -203,7 +206,7 @@ def build_vision_tab():
     question = gr.Textbox("", label="Question", placeholder="Ask about the image or the video", elem_id="vqa-question")
     with gr.Row():
         ask = gr.Button("Ask", variant="primary")
-        stop_button = gr.Button("Stop", variant="stop")
+        stop_button = gr.Button("Stop", variant="stop", elem_id="vqa-stop")
     with gr.Accordion("Settings", open=False, elem_id="vqa-settings"):
         max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
                                    elem_id="vqa-max-tokens")
@@ -260,7 +263,7 @@ def build_speech_tab():
             reply_audio = streaming_reply_audio("s2s-reply-audio")
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="s2s-chatbot")
     inputs = [audio, turns, voice, max_new_tokens]
-    outputs = [chatbot, reply_audio, turns]
+    outputs = [chatbot, reply_audio, audio, turns]
     events = [send.click(speech_to_speech, inputs, outputs, api_name="speech_to_speech", **GPU_EVENT),
               audio.stop_recording(speech_to_speech, inputs, outputs, api_visibility="private", **GPU_EVENT)]
     examples = gr.Examples([[example("audio", "capital_question.wav")], [example("audio", "robot_story_request.wav")]],

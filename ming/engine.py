@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -66,10 +67,12 @@ AMBIGUOUS_EXTENSIONS = {".webm"}  # webcam clips and microphone recordings both 
 LIMITS_MARKDOWN = (
     f"Images up to {MAX_IMAGE_SIDE}px a side ({MAX_IMAGE_PIXELS // 1_000_000} MP), at most {MAX_IMAGES_PER_REQUEST} "
     f"per message. Videos up to {MAX_VIDEO_SECONDS // 60} minutes: {VIDEO_MAX_FRAMES} frames at most are sampled "
-    f"evenly (2 per second for short clips) and scaled to at most 768 visual tokens each. Spoken messages up to "
+    f"evenly (2 per second for clips up to 32 s) and scaled so a video takes at most ~9,200 visual tokens. "
+    f"Spoken messages up to "
     f"{MAX_AUDIO_SECONDS} s; ASR takes up to {MAX_ASR_SECONDS // 60} minutes, transcribed in "
     f"{ASR_SEGMENT_SECONDS:.0f}-second segments. The Preview model takes one audio clip per request and cannot mix "
-    "images and a video in one conversation turn; older media drop out of the context first."
+    "images and a video in one message; in a conversation the model sees the newest images or video and the newest "
+    "audio clip (older ones drop out of its view, their text stays)."
 )
 
 
@@ -221,7 +224,8 @@ def check_image(path: str) -> None:
     """Reads only the header: a 12000x12000 image is refused before it is decoded."""
     name = os.path.basename(path)
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked just below
             width, height = image.size
             image.verify()
     except Image.DecompressionBombError:
@@ -342,22 +346,21 @@ def new_turn(text: str | None, files: list[str] | None, max_audio_seconds: float
 
 
 def kept_media(turns: list[Turn]) -> set[tuple[int, int]]:
-    """Which (turn, item) media stay in the prompt: the Preview model takes one audio and either one video or a
-    few images per request, so the newest ones win and older ones drop out (their text stays)."""
+    """Which (turn, item) media stay in the prompt: the newest audio clip, and the images or video of the newest
+    turn that has any. The Preview takes one audio per request and routes every token between the first and the
+    last image patch through its vision router, so visual media spread over several turns would mis-route the
+    text between them; older media drop out (their turns' text stays)."""
     kept: set[tuple[int, int]] = set()
-    audio_kept = False
-    visual_kind, images = None, 0
+    audio_kept = visual_kept = False
     for t in range(len(turns) - 1, -1, -1):
-        for i, (kind, _) in enumerate(turns[t].media):
-            if kind == "audio" and not audio_kept:
-                kept.add((t, i))
-                audio_kept = True
-            elif kind == "image" and visual_kind in (None, "image") and images < MAX_IMAGES_PER_REQUEST:
-                kept.add((t, i))
-                visual_kind, images = "image", images + 1
-            elif kind == "video" and visual_kind is None:
-                kept.add((t, i))
-                visual_kind = "video"
+        visual = [i for i, (kind, _) in enumerate(turns[t].media) if kind in ("image", "video")]
+        if visual and not visual_kept:
+            kept.update((t, i) for i in visual)
+            visual_kept = True
+        audio = [i for i, (kind, _) in enumerate(turns[t].media) if kind == "audio"]
+        if audio and not audio_kept:
+            kept.add((t, audio[0]))
+            audio_kept = True
     return kept
 
 
@@ -553,6 +556,7 @@ def reply_stream(job: Job, turn: Turn) -> Iterator[Progress]:
     started = time.perf_counter()
     rate = engine().speech.sample_rate if engine().speech is not None else 0
     pieces: list[np.ndarray] = []
+    yield Progress(turn)  # the question shows at once, while the prompt is prefilled
     for chunk in stream_job(job):
         turn.reply += chunk.text
         turn.seconds = time.perf_counter() - started

@@ -116,11 +116,13 @@ def moe_gemv(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, H]; topk [T, k]; stacked weights gate/up [E, I, H], down [E, H, I]; optional shared expert weights
-    (gate, up [I_s, H], down [H, I_s]) -> [T, H] in x's dtype.
+    (gate, up [I_s, H], down [H, I_s]) -> [T, H] in x's dtype, plus `residual` [T, H] if given.
 
-    The expert outputs of a token (and the shared expert's) are summed in float32 with the router weights."""
+    The expert outputs of a token (and the shared expert's) are summed in float32 with the router weights, then
+    rounded and added to the residual in the same kernel."""
     T, H = x.shape
     top_k = topk_idx.shape[1]
     x = x.contiguous()
@@ -131,7 +133,27 @@ def moe_gemv(
         gate, up, down = (w[None] for w in shared)
         expert_zero, weight_one = _shared_expert_routing(T, x.device)
         _experts_gemv(x, expert_zero, weight_one, gate, up, down, out, 1, top_k)
-    return out.sum(dim=1).to(x.dtype)
+    result = torch.empty_like(x)
+    _combine_kernel[(T,)](
+        out, residual.reshape(T, H).contiguous() if residual is not None else x, result, SLOTS=out.shape[1], N=H,
+        BLOCK=triton.next_power_of_2(H), HAS_RESIDUAL=residual is not None, num_warps=4,
+    )
+    return result
+
+
+@triton.jit
+def _combine_kernel(parts_ptr, residual_ptr, out_ptr, SLOTS: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    total = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SLOTS):
+        total += tl.load(parts_ptr + (row * SLOTS + s) * N + cols, mask=ok, other=0.0)
+    y = total.to(out_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:
+        y = y + tl.load(residual_ptr + row * N + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + row * N + cols, y, mask=ok)
 
 
 @triton.jit

@@ -306,20 +306,25 @@ class SparseMoeBlock(nn.Module):
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         return topk_idx, topk_weight
 
-    def forward(self, x: torch.Tensor, router_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, router_ids: torch.Tensor | None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The MoE output for x [B, L, H], plus `residual` when given (fused into the last kernel on the GPU)."""
         B, L, H = x.shape
         flat = x.reshape(-1, H)
         topk_idx, topk_weight = self.route(flat, None if router_ids is None else router_ids.reshape(-1))
         if use_triton(x) and B * L * self.top_k <= 64:
-            # Decode: read only the chosen experts' rows, the shared expert in the same two kernels.
+            # Decode: read only the chosen experts' rows, the shared expert through the same kernels.
             e, shared = self.experts, self.shared_experts
             shared_weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
-            y = kernels.moe_gemv(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights)
+            y = kernels.moe_gemv(
+                flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights, residual
+            )
             return y.view(B, L, H)
         y = self.experts(flat, topk_idx, topk_weight).view(B, L, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y
+        return y if residual is None else residual + y
 
 
 class DecoderLayer(nn.Module):
@@ -336,8 +341,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rope, mask, router_ids, cache=None, cache_position=None) -> torch.Tensor:
         attention = self.attention(self.input_layernorm(x), rope, mask, cache, cache_position)
         x, h = self.post_attention_layernorm.add_and_norm(x, attention)
-        h = self.mlp(h, router_ids) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(h)
-        return x + h
+        if isinstance(self.mlp, SparseMoeBlock):
+            return self.mlp(h, router_ids, residual=x)
+        return x + self.mlp(h)
 
 
 class BailingMoeModel(nn.Module):

@@ -148,7 +148,7 @@ def test_speech_to_speech_streams_a_spoken_answer_over_several_turns(client):
     import soundfile
 
     for turn in (1, 2):
-        updates, (chatbot, _) = stream(client, audio=handle_file(SPEECH), voice="luna", max_new_tokens=10,
+        updates, (chatbot, _, _) = stream(client, audio=handle_file(SPEECH), voice="luna", max_new_tokens=10,
                                        api_name="/speech_to_speech")
         assert sum(isinstance(u[1], str) for u in updates) >= 1, "audio chunks stream while the reply is made"
         assert len(updates) >= 3
@@ -295,3 +295,59 @@ def test_zerogpu_quota_error_gets_a_message(app, client, monkeypatch):
         client.predict(**chat_args("Hello"))
     monkeypatch.undo()
     assert_still_works(client)
+
+
+# ------------------------------------------------------------------------------------------------- engine helpers
+def test_thinking_output_splits_into_reasoning_and_answer():
+    from ming.engine import boxed_results, split_thinking
+
+    reply = "<think>3 squared plus 4 squared is 25.</think><answer>x = \\boxed{5}</answer>"
+    assert split_thinking(reply) == ("3 squared plus 4 squared is 25.", "x = \\boxed{5}", True)
+    assert split_thinking("<thinking>Let me see</thi") == ("Let me see", "", False)  # streaming: no tag debris
+    assert split_thinking("no tags at all") == ("no tags at all", "", False)
+    assert boxed_results(r"so \boxed{\frac{1}{2}} and \boxed{7}") == [r"\frac{1}{2}", "7"]
+    assert boxed_results(r"\boxed{unclosed") == []
+
+
+def test_older_media_drop_out_of_the_prompt_newest_first():
+    from ming.engine import Turn, kept_media
+
+    turns = [Turn("a", [("audio", "a.wav"), ("image", "1.png")]), Turn("b", [("video", "v.mp4")]),
+             Turn("c", [("image", "2.png"), ("image", "3.png")]), Turn("d", [("audio", "b.wav")])]
+    # The newest audio, and the visual media of the newest turn that has any.
+    assert kept_media(turns) == {(3, 0), (2, 0), (2, 1)}
+    assert kept_media(turns[:2]) == {(0, 0), (1, 0)}
+
+
+def test_long_recordings_are_cut_between_words():
+    from ming.engine import ASR_SEGMENT_SECONDS, split_for_asr
+
+    rate = 16000
+    rng = np.random.default_rng(0)
+    speech = 0.3 * rng.standard_normal(75 * rate).astype(np.float32)
+    speech[int(25.0 * rate):int(25.4 * rate)] = 0  # a pause inside the first segment's last third
+    segments = split_for_asr(speech)
+    assert sum(len(s) for s in segments) == len(speech)
+    assert all(len(s) <= ASR_SEGMENT_SECONDS * rate for s in segments)
+    assert 25.0 * rate <= len(segments[0]) <= 25.4 * rate, "the first cut falls in the pause"
+
+
+def test_gpu_duration_grows_with_the_request():
+    import torch
+
+    from ming.engine import Job, Sampling
+
+    prompt = {"input_ids": torch.zeros(1, 500, dtype=torch.long)}
+    short = Job("s", [prompt], Sampling(max_new_tokens=64)).gpu_seconds
+    long = Job("s", [prompt], Sampling(max_new_tokens=1024)).gpu_seconds
+    spoken = Job("s", [prompt], Sampling(max_new_tokens=1024), voice="luna").gpu_seconds
+    assert 20 <= short < long < spoken <= 300
+
+
+def test_an_unreachable_model_falls_back_to_the_tiny_checkpoint(monkeypatch):
+    from ming import engine
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, is_tiny, notice = engine.choose_checkpoint("inclusionAI/no-such-model")
+    assert is_tiny and os.path.exists(os.path.join(folder, "config.json"))
+    assert "Could not load `inclusionAI/no-such-model`" in notice

@@ -155,11 +155,17 @@ def test_chat_runs_an_example_an_upload_and_a_spoken_reply(page):
     set_number(page, "chat-max-tokens", 10)
     page.locator("#chat-input textarea").fill("Say hello.")
     page.locator("#chat-input textarea").press("Enter")
-    expect(page.locator("#chat-chatbot .user-row")).to_have_count(3)
-    expect(page.locator("#chat-chatbot .bot-row audio").first).to_be_attached()
     watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
-    expect(page.locator("#chat-reply-audio audio")).to_be_attached()
+    expect(page.locator("#chat-chatbot .user-row")).to_have_count(3)
+    expect(page.locator("#chat-chatbot .bot-row audio")).to_have_count(1)  # the whole spoken reply, replayable
+    expect(page.locator("#chat-reply-audio audio")).to_be_attached()  # the player the chunks streamed to
     screenshot(page, "01-chat")
+
+    # Retry answers the last message again, in place.
+    before = last_bot_text(page, "chat-chatbot")()
+    page.locator("#chat-chatbot button[aria-label=Retry]").last.click()
+    assert watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))[-1] != before
+    expect(page.locator("#chat-chatbot .user-row")).to_have_count(3)
 
     # Undo takes the last turn back into the message box.
     page.locator("#chat-chatbot button[aria-label=Undo]").last.click()
@@ -179,6 +185,22 @@ def test_vision_qa_answers_about_an_uploaded_video_and_an_example(page):
     states = watch(answer.input_value, finished(page, "vqa-answer"))
     assert len(states) >= 2, f"the answer should stream, saw {states!r}"
 
+    # Stop: a 2000-token answer is cut short, and the model is free again.
+    set_number(page, "vqa-max-tokens", 2000)
+    page.get_by_role("button", name="Ask", exact=True).click()
+    watch(answer.input_value, lambda: len(answer.input_value()) > 40)
+    page.locator("#vqa-stop").click()
+    import app as space
+
+    deadline = time.monotonic() + 30
+    while space.ENGINE.active_jobs and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert space.ENGINE.active_jobs == 0, "Stop ends the generation on the server"
+    stopped = answer.input_value()
+    page.wait_for_timeout(1500)
+    assert answer.input_value() == stopped and len(stopped) < 3000, "nothing streams after Stop"
+    set_number(page, "vqa-max-tokens", 48)
+
     page.locator("#vqa-video button[aria-label=Clear]").click()
     page.get_by_text("Read a shop sign", exact=True).click()
     expect(page.locator("#vqa-image img")).to_be_attached()
@@ -188,6 +210,7 @@ def test_vision_qa_answers_about_an_uploaded_video_and_an_example(page):
 
 def test_asr_transcribes_an_uploaded_wav_and_an_example(page):
     open_tab(page, "ASR")
+    page.locator("#asr-audio button[aria-label='Upload file']").click()  # the microphone is the default source
     page.locator("#asr-audio input[type=file]").set_input_files(os.path.join(EXAMPLES, "audio", "fox_sentence.wav"))
     page.get_by_role("button", name="Transcribe", exact=True).click()
     transcript = page.locator("#asr-transcript textarea")
@@ -208,9 +231,9 @@ def test_speech_to_speech_takes_a_microphone_turn_and_an_example(page):
     page.wait_for_timeout(2500)  # the fake microphone plays the wav while this records
     microphone.get_by_role("button", name="Stop", exact=True).click()  # stopping the recording sends it
 
-    expect(page.locator("#s2s-chatbot .user-row audio").first).to_be_attached()
     states = watch(last_bot_text(page, "s2s-chatbot"), finished(page, "s2s-chatbot"))
     assert states[-1], "the spoken reply comes with its text"
+    expect(page.locator("#s2s-chatbot .user-row audio")).to_have_count(1)  # the recorded question
     expect(page.locator("#s2s-chatbot .bot-row audio").first).to_be_attached()
     expect(page.locator("#s2s-reply-audio audio")).to_be_attached()
 

@@ -68,7 +68,9 @@ def test_triton_decode_experts_match_the_loop_in_bf16():
     x = torch.randn(2, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     idx = torch.tensor([[0, 5, 7], [3, 5, 1]], device="cuda")
     w = torch.rand(2, 3, device="cuda").softmax(-1)
-    fast = kernels.moe_gemv(x, idx, w, experts.gate_proj, experts.up_proj, experts.down_proj, tuple(shared))
+    residual = torch.randn_like(x)
+    fast = kernels.moe_gemv(x, idx, w, experts.gate_proj, experts.up_proj, experts.down_proj, tuple(shared), residual)
+    fast = fast.float() - residual.float()
     xf = x.float()
     gate, up, down = (t.float() for t in shared)
     want = experts.to(torch.float32)(xf, idx, w) + (torch.nn.functional.silu(xf @ gate.T) * (xf @ up.T)) @ down.T

@@ -30,7 +30,7 @@ from ming.speech.streaming import (
     to_int16,
     units,
 )
-from ming.speech.talker import Talker
+from ming.speech.talker import KVCache, Talker
 from ming.speech.tiny import write_tiny_speech_assets, write_tiny_talker
 from ming.speech.voices import BUNDLED_VOICES_DIR
 
@@ -106,14 +106,16 @@ def test_talker_matches_reference_logits(talker):
     assert text_ids[1:4] == golden["step_text_ids"].tolist()
 
     with torch.inference_mode():
-        cache = talker.new_cache(4)  # grows as needed
-        shared = talker.model.model(talker.embed_prefix(golden["speaker_embedding"], golden["thinker_states"]), cache)
-        first = talker.embed_streams(torch.tensor([[tok.ids["<audio_bos>"]]]), torch.tensor([text_ids[:1]]))
-        prefix_logits = talker.logits(torch.cat([shared, talker.model.model(first, cache)], dim=1))
-        step_logits = torch.stack([
-            talker.logits(talker.model.model(talker.embed_streams(a.view(1, 1), t.view(1, 1)), cache))[0, -1]
-            for a, t in zip(golden["step_audio_ids"], golden["step_text_ids"])
-        ])  # fmt: skip
+        decoder = talker.model.model
+        cache = KVCache(talker.config, 32, talker.dtype, talker.device)
+        shared = decoder.prefill(talker.embed_prefix(golden["speaker_embedding"], golden["thinker_states"]), cache)
+        steps = [(tok.ids["<audio_bos>"], text_ids[0])] + list(zip(golden["step_audio_ids"], golden["step_text_ids"]))
+        hidden = [
+            decoder.decode(talker.embed_streams(torch.tensor([[a]]), torch.tensor([[t]])), torch.tensor([i]), cache)
+            for i, (a, t) in enumerate(steps, start=shared.shape[1])
+        ]
+        prefix_logits = talker.logits(torch.cat([shared, hidden[0]], dim=1))
+        step_logits = talker.logits(torch.cat(hidden[1:], dim=1))[0]
 
     for ours, ref in ((prefix_logits, golden["prefix_logits"]), (step_logits, golden["step_logits"])):
         assert ours.shape == ref.shape
@@ -121,14 +123,17 @@ def test_talker_matches_reference_logits(talker):
         assert rel < 1e-4, rel
 
 
-def test_talker_kv_cache_chunks_equal_one_pass(talker):
-    """Positions fed in several chunks through the cache give the same states as one causal pass."""
+def test_talker_decode_steps_equal_one_causal_pass(talker):
+    """A prefill followed by one-position decode steps through the cache gives the states of one causal pass."""
     with torch.inference_mode():
         embeds = talker.embed_prefix(torch.randn(1, 192), torch.randn(1, 9, 64))
-        whole = talker.model.model(embeds, talker.new_cache(embeds.shape[1]))
-        cache = talker.new_cache(2)  # also grows on the way
-        parts = [talker.model.model(embeds[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 13), (13, None))]
-    assert cache.length == embeds.shape[1]
+        n = embeds.shape[1]
+        decoder = talker.model.model
+        whole = decoder.prefill(embeds, KVCache(talker.config, n, talker.dtype, talker.device))
+        cache = KVCache(talker.config, n + 3, talker.dtype, talker.device)
+        parts = [decoder.prefill(embeds[:, :5], cache)]
+        parts += [decoder.decode(embeds[:, i : i + 1], torch.tensor([i]), cache) for i in range(5, n)]
+    assert cache.valid[0].tolist() == [True] * n + [False] * 3
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
 
 

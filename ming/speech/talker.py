@@ -144,24 +144,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer, [1, kv_heads, capacity, head_dim]; positions < `length` are valid.
-    Rolling back to a shorter prefix is just lowering `length`."""
+    """Keys and values of every layer in fixed slots, [1, kv_heads, capacity, head_dim], and which slots hold a
+    position (`valid`). Fixed shapes let a decode step be replayed from a CUDA graph; going back to a shorter
+    prefix is just marking the later slots invalid."""
 
     def __init__(self, config: TalkerLMConfig, capacity: int, dtype: torch.dtype, device: torch.device):
         shape = (1, config.num_key_value_heads, capacity, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.length = 0
+        self.valid = torch.zeros(1, capacity, dtype=torch.bool, device=device)
 
-    def reserve(self, extra: int) -> None:
-        """Make room for `extra` more positions."""
-        capacity = self.keys[0].shape[2]
-        if self.length + extra <= capacity:
-            return
-        grow = max(self.length + extra - capacity, capacity)
-        for buffers in (self.keys, self.values):
-            for i, buf in enumerate(buffers):
-                buffers[i] = torch.cat([buf, buf.new_zeros(*buf.shape[:2], grow, buf.shape[3])], dim=2)
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
 
 
 class Attention(nn.Module):
@@ -176,30 +171,30 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x: [1, n, H], the n positions after the `cache.length` cached ones."""
+        """x: [1, n, H] at cache `slots` [n]. mask None: x is a whole sequence from slot 0 and attends causally to
+        itself; otherwise mask [1, 1, 1, capacity] says which cache slots the (single) new position sees."""
         _, n, _ = x.shape
         q = self.q_proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-
-        start, end = cache.length, cache.length + n
-        cache.keys[layer][:, :, start:end] = k
-        cache.values[layer][:, :, start:end] = v
-        k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
-
-        # One new position sees everything cached; several see the cache plus their own causal past (from an empty
-        # cache that is plain causal attention, which lets SDPA pick its fused kernels for a long prefix).
-        mask = None
-        if n > 1 and start > 0:
-            query_pos = torch.arange(start, end, device=x.device)[:, None]
-            mask = torch.arange(end, device=x.device)[None, :] <= query_pos
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=n > 1 and start == 0, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        keys.index_copy_(2, slots, k)
+        values.index_copy_(2, slots, v)
+        gqa = self.num_kv_heads != self.num_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(1, n, self.num_heads * self.head_dim))
 
 
@@ -222,8 +217,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, keys, values, slots, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, keys, values, slots, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -240,18 +235,24 @@ class Qwen2Decoder(nn.Module):
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, inputs_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Run n new positions (after the cached ones) and append them to the cache. Returns [1, n, H]."""
-        n = inputs_embeds.shape[1]
-        cache.reserve(n)
-        positions = torch.arange(cache.length, cache.length + n, device=inputs_embeds.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq[None, :]
+    def prefill(self, inputs_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A sequence [1, n, H] at positions 0..n-1 into an empty cache. Returns hidden states [1, n, H]."""
+        slots = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        cache.valid[:, slots] = True
+        return self._run(inputs_embeds, slots, cache, mask=None)
+
+    def decode(self, inputs_embeds: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new position [1, 1, H] at `position` ([1], on the device: no host sync, so it can be graphed),
+        attending to every valid cache slot and itself. Returns [1, 1, H]."""
+        cache.valid.index_fill_(1, position, True)
+        return self._run(inputs_embeds, position, cache, mask=cache.valid[:, None, None, :])
+
+    def _run(self, h: torch.Tensor, slots: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
+        angles = slots.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos().to(inputs_embeds.dtype), angles.sin().to(inputs_embeds.dtype)
-        h = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i)
-        cache.length += n
+        cos, sin = angles.cos().to(h.dtype), angles.sin().to(h.dtype)
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+            h = layer(h, cos, sin, keys, values, slots, mask)
         return self.norm(h)
 
 
@@ -265,12 +266,62 @@ class TalkerLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- the talker
+class DecodeStep:
+    """One talker step with static shapes: (audio id, text id) at a cache slot -> the top-k candidates for the next
+    token. Its inputs live in fixed buffers, so on a GPU the step is captured once per reply and replayed as a CUDA
+    graph: one launch instead of ~1,000 kernel launches from Python, which otherwise hold the full-size talker to
+    about 32 steps a second on an H100, barely real time. (`MING_CUDA_GRAPHS=0` turns graphs off, as for the thinker.)"""
+
+    def __init__(self, talker: "Talker", cache: KVCache):
+        device = talker.device
+        self.talker, self.cache = talker, cache
+        self.ids = torch.zeros(1, 2, dtype=torch.long, device=device)  # audio-stream id, text-stream id
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.eos_penalty = torch.zeros((), device=device)  # -inf while <audio_eos> is refused
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        if device.type == "cuda" and os.environ.get("MING_CUDA_GRAPHS", "1") != "0":
+            self._capture()
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        talker = self.talker
+        embeds = talker.embed_streams(self.ids[:, :1], self.ids[:, 1:])
+        hidden = talker.model.model.decode(embeds, self.position, self.cache)
+        return talker.candidates(talker.logits(hidden[0, -1]), self.eos_penalty)
+
+    def _capture(self) -> None:
+        # Warm-up and capture run at the last slot, which generation never reaches (see Talker.start).
+        last = self.cache.capacity - 1
+        self.position.fill_(last)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # lets kernels pick their algorithms and allocate workspaces
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self._step()
+        self.cache.valid[:, last] = False
+
+    def __call__(self, audio_id: int, text_id: int, position: int, allow_eos: bool):
+        """Top-k (logits, ids) on the device."""
+        self.ids.copy_(torch.tensor([[audio_id, text_id]]))
+        self.position.fill_(position)
+        self.eos_penalty.fill_(0.0 if allow_eos else float("-inf"))
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.outputs
+
+
 @dataclass
 class TalkerContext:
-    """The KV cache of a reply's shared prefix (thinker states + voice); sentences are generated after it."""
+    """A reply's shared prefix (thinker states + voice) in the KV cache, and the step that speaks after it."""
 
     cache: KVCache
     prefix_length: int
+    step: DecodeStep
 
 
 class Talker(nn.Module):
@@ -364,22 +415,32 @@ class Talker(nn.Module):
             embeds[:, start:end] = self.thinker_to_talker_proj(thinker_states.to(self.device, self.dtype))
         return embeds
 
-    def new_cache(self, extra_positions: int) -> KVCache:
-        return KVCache(self.config, extra_positions, self.dtype, self.device)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
+
+    def candidates(self, logits: torch.Tensor, eos_penalty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k 20 (logits, ids) among the audio tokens and `<audio_eos>` (its logit + `eos_penalty`).
+
+        Text ids are never valid output here (they would not decode to speech), so they are excluded up front."""
+        eos, offset = self.tokenizer.ids["<audio_eos>"], self.tokenizer.audio_offset
+        allowed = torch.full_like(logits, float("-inf"))
+        allowed[offset:] = logits[offset:]
+        allowed[eos] = logits[eos] + eos_penalty
+        return allowed.topk(TOP_K)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def start(
         self, speaker_embedding: torch.Tensor, thinker_states: torch.Tensor | None = None, max_new_tokens: int = MAX_NEW_TOKENS
     ) -> TalkerContext:
-        """Run the shared prefix once; `generate` then speaks any number of sentences after it."""
+        """Run the shared prefix once; `generate` then speaks any number of sentences of up to `max_new_tokens`
+        tokens after it."""
         embeds = self.embed_prefix(speaker_embedding, thinker_states)
-        cache = self.new_cache(embeds.shape[1] + max_new_tokens + 1)
-        self.model.model(embeds, cache)
-        return TalkerContext(cache, cache.length)
+        prefix_length = embeds.shape[1]
+        # One slot more than generation can reach: the decode step's graph is captured there.
+        cache = KVCache(self.config, prefix_length + max_new_tokens + 1, self.dtype, self.device)
+        self.model.model.prefill(embeds, cache)
+        return TalkerContext(cache, prefix_length, DecodeStep(self, cache))
 
     @torch.inference_mode()
     def generate(
@@ -395,39 +456,32 @@ class Talker(nn.Module):
         text_ids = self.tokenizer.encode(text)
         if not text_ids:
             raise ValueError(f"nothing to speak in {text!r}")
+        room = context.cache.capacity - 1 - context.prefix_length
+        if max_new_tokens > room:
+            raise ValueError(f"max_new_tokens {max_new_tokens} exceeds the {room} the context was started for")
         ids = self.tokenizer.ids
-        eos = ids["<audio_eos>"]
         upcoming_text = text_ids[1:] + [ids["<text_eos>"]]
-        context.cache.length = context.prefix_length  # forget the previous sentence
+        context.cache.valid[:, context.prefix_length :] = False  # forget the previous sentence
         audio_in, text_in = ids["<audio_bos>"], text_ids[0]
         spoken: list[int] = []
         for step in range(max_new_tokens):
             if stop_event is not None and stop_event.is_set():
                 break
-            step_ids = torch.tensor([[audio_in, text_in]], device=self.device)
-            hidden = self.model.model(self.embed_streams(step_ids[:, :1], step_ids[:, 1:]), context.cache)
-            token = self.sample(self.logits(hidden[0, -1]), generator, allow_eos=step >= min_new_tokens)
-            if token == eos:
+            top_logits, top_ids = context.step(audio_in, text_in, context.prefix_length + step, step >= min_new_tokens)
+            token = sample(top_logits, top_ids, generator)
+            if token == ids["<audio_eos>"]:
                 break
             spoken.append(token - self.tokenizer.audio_offset)
             audio_in = token
             text_in = upcoming_text.pop(0) if upcoming_text else ids["<text_pad>"]
         return spoken
 
-    def sample(self, logits: torch.Tensor, generator: torch.Generator | None, allow_eos: bool) -> int:
-        """Top-k 20 sampling at temperature 1 over the audio tokens (and `<audio_eos>` when allowed).
 
-        Text ids are never valid output here (they would not decode to speech), so they are excluded up front."""
-        eos = self.tokenizer.ids["<audio_eos>"]
-        offset = self.tokenizer.audio_offset
-        allowed = torch.full_like(logits, float("-inf"))
-        allowed[offset:] = logits[offset:]
-        if allow_eos:
-            allowed[eos] = logits[eos]
-        top_values, top_ids = allowed.topk(TOP_K)
-        # Drawn on the CPU so a CPU generator gives the same tokens whatever device the talker runs on.
-        choice = torch.multinomial(torch.softmax(top_values.cpu(), dim=-1), 1, generator=generator)
-        return int(top_ids[choice.item()])
+def sample(top_logits: torch.Tensor, top_ids: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Draw one id from the top-k candidates at temperature 1. On the CPU, so a CPU generator gives the same tokens
+    whatever device the talker runs on."""
+    probs = torch.softmax(top_logits.float().cpu(), dim=-1)
+    return int(top_ids.cpu()[torch.multinomial(probs, 1, generator=generator)])
 
 
 def read_talker_weights(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
