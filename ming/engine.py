@@ -156,8 +156,9 @@ def choose_checkpoint(requested: str | None) -> tuple[str, bool, str]:
         folder = resolve_checkpoint(requested, revision)
     except Exception as error:  # offline hub, unknown id, missing folder: the demo still starts
         log.warning("cannot use %s (%s); falling back to the tiny checkpoint", requested, error)
-        return tiny_checkpoint_dir(), True, f"Could not load `{requested}` ({type(error).__name__}); " \
-                                            "running the tiny test checkpoint instead."
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        return tiny_checkpoint_dir(), True, f"Could not load `{requested}` ({reason}); running the tiny test " \
+                                            "checkpoint instead."
     return folder, is_tiny_checkpoint(folder), ""
 
 

@@ -125,6 +125,11 @@ def last_bot_text(page, chatbot: str):
     return lambda: bots.last.inner_text().strip() if bots.count() else ""
 
 
+def wait_until_playable(page, selector: str) -> None:
+    """The audio element has loaded a clip with a real length (its player shows a duration)."""
+    page.wait_for_function("s => [...document.querySelectorAll(s)].some(a => a.duration > 0)", arg=selector)
+
+
 def test_page_shows_the_tiny_model_banner_and_five_tabs(page):
     expect(page.locator("#banner")).to_contain_text("tiny random weights: answers are noise")
     for name in ("Chat", "Image & video QA", "ASR", "Speech-to-speech", "Thinking"):
@@ -159,6 +164,8 @@ def test_chat_runs_an_example_an_upload_and_a_spoken_reply(page):
     expect(page.locator("#chat-chatbot .user-row")).to_have_count(3)
     expect(page.locator("#chat-chatbot .bot-row audio")).to_have_count(1)  # the whole spoken reply, replayable
     expect(page.locator("#chat-reply-audio audio")).to_be_attached()  # the player the chunks streamed to
+    wait_until_playable(page, "#chat-reply-audio audio")
+    wait_until_playable(page, "#chat-chatbot .bot-row audio")
     screenshot(page, "01-chat")
 
     # Retry answers the last message again, in place.
@@ -236,6 +243,8 @@ def test_speech_to_speech_takes_a_microphone_turn_and_an_example(page):
     expect(page.locator("#s2s-chatbot .user-row audio")).to_have_count(1)  # the recorded question
     expect(page.locator("#s2s-chatbot .bot-row audio").first).to_be_attached()
     expect(page.locator("#s2s-reply-audio audio")).to_be_attached()
+    wait_until_playable(page, "#s2s-reply-audio audio")
+    wait_until_playable(page, "#s2s-chatbot .bot-row audio")
 
     page.get_by_text("“Tell me a story about a robot”", exact=True).click()
     expect(page.locator("#s2s-chatbot .user-row")).to_have_count(2)
