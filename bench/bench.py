@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--reference-results", help="JSON of the reference implementation's figures, same keys")
     parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--talker", default="0.5b", choices=["0.5b", "1.5b", "none"], help="assumed talker size")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -142,19 +143,17 @@ def main() -> None:
     frontend = AudioFrontend(shift=torch.zeros(560), scale=torch.ones(560))
     waveform = 0.1 * torch.randn(30 * 16000, generator=torch.Generator().manual_seed(0))
 
-    def audio_first_token() -> int:
+    def audio_inputs(waveform: torch.Tensor) -> dict:
         feats = frontend(waveform)
         n = feats.shape[0]
-        ids = media_prompt(AUDIO_PATCH, n)
-        inputs = {
-            "input_ids": ids,
+        return {
+            "input_ids": media_prompt(AUDIO_PATCH, n),
             "audio_feats": feats[None],
             "audio_feats_lengths": torch.tensor([[n]]),
             "audio_placeholder_loc_lens": torch.tensor([[[4, n]]]),
         }
-        return first_token(model, inputs)()
 
-    ms, peak = cuda_time(audio_first_token)
+    ms, peak = cuda_time(lambda: first_token(model, audio_inputs(waveform))())
     results["ttft_audio_30s_ms"], results["ttft_audio_30s_peak_gib"] = 1000 * ms, peak
 
     # Decode at batch 1: tokens per second over N new tokens after a 1,024-token prompt.
@@ -176,6 +175,11 @@ def main() -> None:
     results["decode_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     results["decode_pct_roofline"] = 100 * results["decode_tok_s"] / results["roofline_tok_s"]
 
+    if args.talker != "none":
+        from bench.speech import measure_speech
+
+        results.update(measure_speech(model, audio_inputs, cases["ttft_image_1024"], args.talker))
+
     reference = {}
     if args.reference_results and os.path.exists(args.reference_results):
         with open(args.reference_results, encoding="utf-8") as f:
@@ -190,12 +194,15 @@ def write_report(results: dict, reference: dict, card: str, out_dir: str) -> Non
         ("Time to first token, 1,024-visual-token image (ms)", "ttft_image_1024_ms", False),
         ("Time to first token, 30 s audio (ms)", "ttft_audio_30s_ms", False),
         ("Time to first token, 64-frame video (ms)", "ttft_video_64f_ms", False),
-        ("Speech: first audio chunk (ms)", "speech_first_chunk_ms", False),
-        ("Speech: real-time factor", "speech_rtf", False),
+        ("Speech-to-speech: first audio chunk from the request (ms)", "speech_first_chunk_ms", False),
+        ("Speech: real-time factor, talker + decoder + vocoder", "speech_rtf", False),
+        ("Speech-to-speech: real-time factor of the whole turn", "speech_turn_rtf", False),
         ("Peak GPU memory, decode (GiB)", "decode_peak_gib", False),
         ("Peak GPU memory, image question (GiB)", "ttft_image_1024_peak_gib", False),
         ("Peak GPU memory, video question (GiB)", "ttft_video_64f_peak_gib", False),
         ("Peak GPU memory, 30 s audio (GiB)", "ttft_audio_30s_peak_gib", False),
+        ("Peak GPU memory, speech-to-speech turn (GiB)", "speech_peak_gib", False),
+        ("Peak GPU memory, image chat with a spoken reply (GiB)", "image_speech_peak_gib", False),
     ]
     date = datetime.date.today().isoformat()
     lines = [
@@ -203,7 +210,9 @@ def write_report(results: dict, reference: dict, card: str, out_dir: str) -> Non
         "",
         f"Copy bandwidth {results['copy_bandwidth_tbps']:.2f} TB/s; one decode step reads "
         f"{results['decode_bytes_gb']:.2f} GB; roofline {results['roofline_tok_s']:.0f} tok/s; "
-        f"weights {results['weights_gib']:.1f} GiB.",
+        f"weights {results['weights_gib']:.1f} GiB."
+        + (f" Talker timed at {results['speech_talker_size_b']}B parameters (its real size is not public)."
+           if "speech_talker_size_b" in results else ""),
         "",
         "| case | ours | reference | ours / reference | % of roofline |",
         "|---|---|---|---|---|",
@@ -217,7 +226,7 @@ def write_report(results: dict, reference: dict, card: str, out_dir: str) -> Non
         if ref:
             ratio = f"{ours / ref:.1f}x" if higher_better else f"{ref / ours:.1f}x faster"
         pct = f"{results['decode_pct_roofline']:.0f}%" if key == "decode_tok_s" else ""
-        lines.append(f"| {title} | {ours:.1f} | {'' if ref is None else f'{ref:.1f}'} | {ratio} | {pct} |")
+        lines.append(f"| {title} | {ours:.2f} | {'' if ref is None else f'{ref:.1f}'} | {ratio} | {pct} |")
     table = "\n".join(lines) + "\n"
     print(table)
     os.makedirs(out_dir, exist_ok=True)
