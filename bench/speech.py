@@ -47,17 +47,17 @@ class ExpandingCodec:
         return out
 
 
-def build_speech(size: str, thinker_hidden: int) -> SpeechGenerator:
+def build_speech(size: str, thinker_hidden: int, device: torch.device) -> SpeechGenerator:
     with tempfile.TemporaryDirectory() as folder:
         write_text_tokenizer(folder)
         tokenizer = TalkerTokenizer.from_dir(folder)
     config = TalkerLMConfig(vocab_size=184445, rope_theta=1e6, tie_word_embeddings=True, **TALKER_SIZES[size])
-    with torch.device("cuda"):
+    with torch.device(device):
         talker = Talker(config, tokenizer, thinker_hidden)
     talker = talker.to(torch.bfloat16).eval()
     talker.model.lm_head.weight = talker.model.model.embed_tokens.weight
-    flow = FlowDecoder(FlowConfig()).to("cuda", torch.bfloat16).eval()
-    hift = HiFTGenerator(HiFTConfig()).to("cuda", torch.bfloat16).eval()
+    flow = FlowDecoder(FlowConfig()).to(device, torch.bfloat16).eval()
+    hift = HiFTGenerator(HiFTConfig()).to(device).cast_convs(torch.bfloat16).eval()
     return SpeechGenerator(talker, ExpandingCodec(), AudioDetokenizer(flow, hift), VoiceBank({}))
 
 
@@ -70,7 +70,7 @@ def scripted_reply(stream, words: list[str]):
 def measure_speech(model, audio_inputs, image_inputs: dict, size: str = "0.5b") -> dict[str, float]:
     """model: the full-size MingOmni on CUDA; audio_inputs(waveform) -> model inputs of a spoken question;
     image_inputs: model inputs of an image question (for the memory of an image chat with a spoken reply)."""
-    speech = build_speech(size, model.config.llm_config.hidden_size)
+    speech = build_speech(size, model.config.llm_config.hidden_size, model.device)
     speaker = torch.randn(1, 192, generator=torch.Generator().manual_seed(0))
     words = [w + " " for w in REPLY.split()]
     waveform = 0.1 * torch.randn(5 * 16000, generator=torch.Generator().manual_seed(1))
