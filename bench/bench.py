@@ -187,24 +187,25 @@ def main() -> None:
     write_report(results, reference, card, args.out)
 
 
-def write_report(results: dict, reference: dict, card: str, out_dir: str) -> None:
+def write_report(results: dict, reference: dict, card: str, out_dir: str, date: str | None = None) -> None:
+    # (title, key, kind): "rate" is better higher; "time" and "memory" are better lower.
     rows = [
-        ("Decode, batch 1, 256 new tokens (tok/s)", "decode_tok_s", True),
-        ("Time to first token, 1,000-token text (ms)", "ttft_text_1000_ms", False),
-        ("Time to first token, 1,024-visual-token image (ms)", "ttft_image_1024_ms", False),
-        ("Time to first token, 30 s audio (ms)", "ttft_audio_30s_ms", False),
-        ("Time to first token, 64-frame video (ms)", "ttft_video_64f_ms", False),
-        ("Speech-to-speech: first audio chunk from the request (ms)", "speech_first_chunk_ms", False),
-        ("Speech: real-time factor, talker + decoder + vocoder", "speech_rtf", False),
-        ("Speech-to-speech: real-time factor of the whole turn", "speech_turn_rtf", False),
-        ("Peak GPU memory, decode (GiB)", "decode_peak_gib", False),
-        ("Peak GPU memory, image question (GiB)", "ttft_image_1024_peak_gib", False),
-        ("Peak GPU memory, video question (GiB)", "ttft_video_64f_peak_gib", False),
-        ("Peak GPU memory, 30 s audio (GiB)", "ttft_audio_30s_peak_gib", False),
-        ("Peak GPU memory, speech-to-speech turn (GiB)", "speech_peak_gib", False),
-        ("Peak GPU memory, image chat with a spoken reply (GiB)", "image_speech_peak_gib", False),
+        ("Decode, batch 1, 256 new tokens (tok/s)", "decode_tok_s", "rate"),
+        ("Time to first token, 1,000-token text (ms)", "ttft_text_1000_ms", "time"),
+        ("Time to first token, 1,024-visual-token image (ms)", "ttft_image_1024_ms", "time"),
+        ("Time to first token, 30 s audio (ms)", "ttft_audio_30s_ms", "time"),
+        ("Time to first token, 64-frame video (ms)", "ttft_video_64f_ms", "time"),
+        ("Speech-to-speech: first audio chunk from the request (ms)", "speech_first_chunk_ms", "time"),
+        ("Speech: real-time factor, talker + decoder + vocoder", "speech_rtf", "time"),
+        ("Speech-to-speech: real-time factor of the whole turn", "speech_turn_rtf", "time"),
+        ("Peak GPU memory, decode (GiB)", "decode_peak_gib", "memory"),
+        ("Peak GPU memory, image question (GiB)", "ttft_image_1024_peak_gib", "memory"),
+        ("Peak GPU memory, video question (GiB)", "ttft_video_64f_peak_gib", "memory"),
+        ("Peak GPU memory, 30 s audio (GiB)", "ttft_audio_30s_peak_gib", "memory"),
+        ("Peak GPU memory, speech-to-speech turn (GiB)", "speech_peak_gib", "memory"),
+        ("Peak GPU memory, image chat with a spoken reply (GiB)", "image_speech_peak_gib", "memory"),
     ]
-    date = datetime.date.today().isoformat()
+    date = date or datetime.date.today().isoformat()
     lines = [
         f"# Ming-Lite-Omni-Preview, full size, random bf16 weights: {card}, {date}",
         "",
@@ -214,19 +215,23 @@ def write_report(results: dict, reference: dict, card: str, out_dir: str) -> Non
         + (f" Talker timed at {results['speech_talker_size_b']}B parameters (its real size is not public)."
            if "speech_talker_size_b" in results else ""),
         "",
-        "| case | ours | reference | ours / reference | % of roofline |",
+        "| case | ours | reference | vs. reference | % of roofline |",
         "|---|---|---|---|---|",
     ]
-    for title, key, higher_better in rows:
+    for title, key, kind in rows:
         if key not in results:
             continue
         ours = results[key]
         ref = reference.get(key)
         ratio = ""
         if ref:
-            ratio = f"{ours / ref:.1f}x" if higher_better else f"{ref / ours:.1f}x faster"
+            ratio = {
+                "rate": f"{ours / ref:.1f}x faster",
+                "time": f"{ref / ours:.1f}x faster",
+                "memory": f"{ours / ref:.2f}x the memory",
+            }[kind]
         pct = f"{results['decode_pct_roofline']:.0f}%" if key == "decode_tok_s" else ""
-        lines.append(f"| {title} | {ours:.2f} | {'' if ref is None else f'{ref:.1f}'} | {ratio} | {pct} |")
+        lines.append(f"| {title} | {ours:.2f} | {'' if ref is None else f'{ref:.2f}'} | {ratio} | {pct} |")
     table = "\n".join(lines) + "\n"
     print(table)
     os.makedirs(out_dir, exist_ok=True)

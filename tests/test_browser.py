@@ -126,8 +126,18 @@ def last_bot_text(page, chatbot: str):
 
 
 def wait_until_playable(page, selector: str) -> None:
-    """The audio element has loaded a clip with a real length (its player shows a duration)."""
+    """The streaming player's audio element has loaded a clip with a real length."""
     page.wait_for_function("s => [...document.querySelectorAll(s)].some(a => a.duration > 0)", arg=selector)
+
+
+def clips_in_history(page, chatbot: str):
+    """The replayable clips in a conversation's replies (Gradio's compact audio player inside the chatbot)."""
+    return page.locator(f"#{chatbot} .bot-row [data-testid=waveform-Audio]")
+
+
+def assert_clip_has_length(page, chatbot: str) -> None:
+    timestamp = clips_in_history(page, chatbot).last.locator(".timestamp")
+    expect(timestamp).not_to_have_text("0:00")  # the player read the clip's duration
 
 
 def test_page_shows_the_tiny_model_banner_and_five_tabs(page):
@@ -162,10 +172,10 @@ def test_chat_runs_an_example_an_upload_and_a_spoken_reply(page):
     page.locator("#chat-input textarea").press("Enter")
     watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
     expect(page.locator("#chat-chatbot .user-row")).to_have_count(3)
-    expect(page.locator("#chat-chatbot .bot-row audio")).to_have_count(1)  # the whole spoken reply, replayable
+    expect(clips_in_history(page, "chat-chatbot")).to_have_count(1)  # the whole spoken reply, replayable
     expect(page.locator("#chat-reply-audio audio")).to_be_attached()  # the player the chunks streamed to
     wait_until_playable(page, "#chat-reply-audio audio")
-    wait_until_playable(page, "#chat-chatbot .bot-row audio")
+    assert_clip_has_length(page, "chat-chatbot")
     screenshot(page, "01-chat")
 
     # Retry answers the last message again, in place.
@@ -194,8 +204,9 @@ def test_vision_qa_answers_about_an_uploaded_video_and_an_example(page):
 
     # Stop: a 2000-token answer is cut short, and the model is free again.
     set_number(page, "vqa-max-tokens", 2000)
+    previous = answer.input_value()
     page.get_by_role("button", name="Ask", exact=True).click()
-    watch(answer.input_value, lambda: len(answer.input_value()) > 40)
+    watch(answer.input_value, lambda: answer.input_value() != previous and len(answer.input_value()) > 40)
     page.locator("#vqa-stop").click()
     import app as space
 
@@ -240,16 +251,17 @@ def test_speech_to_speech_takes_a_microphone_turn_and_an_example(page):
 
     states = watch(last_bot_text(page, "s2s-chatbot"), finished(page, "s2s-chatbot"))
     assert states[-1], "the spoken reply comes with its text"
-    expect(page.locator("#s2s-chatbot .user-row audio")).to_have_count(1)  # the recorded question
-    expect(page.locator("#s2s-chatbot .bot-row audio").first).to_be_attached()
+    expect(page.locator("#s2s-chatbot .user-row [data-testid=waveform-Audio]")).to_have_count(1)  # the question
+    expect(clips_in_history(page, "s2s-chatbot")).to_have_count(1)
     expect(page.locator("#s2s-reply-audio audio")).to_be_attached()
     wait_until_playable(page, "#s2s-reply-audio audio")
-    wait_until_playable(page, "#s2s-chatbot .bot-row audio")
+    assert_clip_has_length(page, "s2s-chatbot")
 
     page.get_by_text("“Tell me a story about a robot”", exact=True).click()
     expect(page.locator("#s2s-chatbot .user-row")).to_have_count(2)
     watch(last_bot_text(page, "s2s-chatbot"), finished(page, "s2s-chatbot"))
-    expect(page.locator("#s2s-chatbot .bot-row audio")).to_have_count(2)
+    expect(clips_in_history(page, "s2s-chatbot")).to_have_count(2)
+    assert_clip_has_length(page, "s2s-chatbot")
     screenshot(page, "04-speech-to-speech")
 
 
