@@ -19,6 +19,7 @@ import gradio as gr
 
 from ming import engine
 from ming.engine import Sampling
+from ming.processor import ASR_PROMPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "examples")
@@ -227,7 +228,7 @@ def build_vision_tab():
 
 
 def build_asr_tab():
-    gr.Markdown(f"Transcribes with the release's ASR prompt: *“{engine.ASR_PROMPT}”* The model names the "
+    gr.Markdown(f"Transcribes with the release's ASR prompt: *“{ASR_PROMPT}”* The model names the "
                 f"language first. Recordings up to {engine.MAX_ASR_SECONDS // 60} minutes are transcribed in "
                 f"{engine.ASR_SEGMENT_SECONDS:.0f}-second segments.")
     audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speech", elem_id="asr-audio")

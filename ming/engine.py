@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -38,7 +39,7 @@ from PIL import Image
 from . import MingOmni, MingProcessor
 from .loading import DEFAULT_HUB_ID, DEFAULT_REVISION, resolve_checkpoint
 from .media import MediaError, audio_duration, load_audio, video_duration
-from .processor import ASR_PROMPT, asr_messages, thinking_messages
+from .processor import asr_messages, thinking_messages
 
 log = logging.getLogger("ming.engine")
 
@@ -57,6 +58,7 @@ MAX_ASR_SECONDS = 10 * 60  # ASR cuts longer recordings into segments of at most
 ASR_SEGMENT_SECONDS = 30.0
 SILENCE_DBFS = -50.0  # the loudest 50 ms of a recording below this level counts as silence
 MAX_NEW_TOKENS = 2048
+MAX_GPU_SECONDS = 120  # the longest ZeroGPU task a visitor without a PRO account may request
 CHARS_PER_TOKEN_CEILING = 8  # no tokenizer packs more characters per token: longer text cannot fit, skip tokenizing
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -135,7 +137,7 @@ def tiny_checkpoint_dir() -> str:
         try:
             os.rename(staging, folder)  # atomic: a half-written folder is never seen as a checkpoint
         except OSError:  # another process finished first
-            pass
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -196,7 +198,8 @@ def user_error(message: str, title: str = "Cannot do that") -> gr.Error:
 
 
 def media_kind(path: str) -> str:
-    """"image", "video" or "audio" for an uploaded file, from its extension (and its streams, for .webm)."""
+    """The kind of an uploaded file ("image", "video" or "audio"), from its extension (and its streams, for .webm,
+    which webcams and microphones both produce)."""
     name = os.path.basename(path)
     ext = os.path.splitext(name)[1].lower()
     if ext in IMAGE_EXTENSIONS:
@@ -430,12 +433,13 @@ class Job:
 
     @property
     def gpu_seconds(self) -> int:
-        """A generous estimate for ZeroGPU's scheduler (quota is charged by actual use): prefill, plus per new
-        token ~0.1 s for text and ~0.3 s more when the talker, flow decoder and vocoder speak it."""
+        """What to ask ZeroGPU for: start-up and prefill, plus per new token ~0.05 s for text and ~0.15 s more
+        when the talker, flow decoder and vocoder speak it. Quota is charged by actual use, and a shorter request
+        queues sooner; 120 s is the longest a free visitor may ask for."""
         prompt_tokens = sum(s["input_ids"].shape[1] for s in self.segments)
-        per_token = 0.1 + (0.3 if self.voice else 0.0)
+        per_token = 0.05 + (0.15 if self.voice else 0.0)
         seconds = 10 + prompt_tokens / 1000 + len(self.segments) * self.sampling.max_new_tokens * per_token
-        return int(min(max(seconds, 20), 300))
+        return int(min(max(seconds, 15), MAX_GPU_SECONDS))
 
 
 @dataclass
@@ -506,10 +510,10 @@ def stream_job(job: Job) -> Iterator[Chunk]:
     try:
         yield from run_job(job)
     except gr.Error as error:
-        if "ZeroGPU" in str(getattr(error, "title", "")) and "quota" in str(error.title).lower():
-            raise user_error(f"{error.message} The free GPU time is shared by everyone using this Space; try again "
+        if str(getattr(error, "title", "")).startswith("ZeroGPU"):  # raised by `spaces` when no GPU is granted
+            raise user_error(f"{error.message} The Space's free GPU time is shared by everyone using it: try again "
                              "later, sign in to Hugging Face for a larger quota, or run the demo on your own machine "
-                             "(see the README).", title="GPU quota reached") from None
+                             "(see the README).", title="No GPU available") from None
         raise
     except torch.OutOfMemoryError:
         raise out_of_memory_error() from None

@@ -256,6 +256,15 @@ def _open_with_pyav(src, name: str) -> tuple[int, float, FrameReader]:
     return total, fps, read
 
 
+def _header_duration(container, stream) -> float | None:
+    """Seconds from the stream's or the container's header, None where neither says."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return None
+
+
 def video_duration(source: MediaSource) -> float:
     """Duration in seconds from the container header (or packet timestamps; never decodes), for cheap pre-checks."""
     name = _name(source)
@@ -264,10 +273,9 @@ def video_duration(source: MediaSource) -> float:
             if not container.streams.video:
                 raise MediaError(f"Could not read video '{name}': the file has no video stream.")
             stream = container.streams.video[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-            if container.duration:
-                return container.duration / av.time_base
+            seconds = _header_duration(container, stream)
+            if seconds is not None:
+                return seconds
             # No duration in the header (e.g. browser-recorded webm): read packet timestamps, without decoding.
             end = max((p.pts + (p.duration or 0) for p in container.demux(stream) if p.pts is not None), default=None)
             if end is not None and stream.time_base:
@@ -371,11 +379,9 @@ def audio_duration(source: MediaSource) -> float:
         with av.open(src) as container:
             if not container.streams.audio:
                 raise MediaError(f"Could not read audio '{name}': the file has no audio stream.")
-            stream = container.streams.audio[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-            if container.duration:
-                return container.duration / av.time_base
+            seconds = _header_duration(container, container.streams.audio[0])
+            if seconds is not None:
+                return seconds
     except MediaError:
         raise
     except (av.FFmpegError, OSError, ValueError) as error:

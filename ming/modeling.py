@@ -8,6 +8,8 @@ by its modality's gate over the Preview's position spans (see `router_ids`).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import threading
 from dataclasses import dataclass
@@ -194,20 +196,16 @@ class MingOmni(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        max_new_tokens: int = 512,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        no_repeat_ngram_size: int = 0,
-        seed: int | None = None,
         stop_event: threading.Event | None = None,
-        **media: torch.Tensor | None,
-    ) -> "TokenStream":
-        """Prefill now; iterate the result for new token ids (batch of one)."""
+        **kwargs,
+    ) -> TokenStream:
+        """Prefill now; iterate the result for the new token ids of one prompt.
+
+        kwargs: the processor's media tensors and the `SamplingConfig` fields (max_new_tokens, do_sample,
+        temperature, top_p, top_k, no_repeat_ngram_size, seed)."""
         if input_ids.shape[0] != 1:
             raise ValueError("generate_stream takes one prompt; use generate() for a batch")
-        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, top_k, no_repeat_ngram_size, seed)
+        cfg, media = split_generation_kwargs(kwargs)
         return TokenStream(self, input_ids, attention_mask, media, cfg, stop_event)
 
     @torch.no_grad()
@@ -216,18 +214,12 @@ class MingOmni(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         *,
-        max_new_tokens: int = 512,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        no_repeat_ngram_size: int = 0,
-        seed: int | None = None,
         stop_event: threading.Event | None = None,
-        **media: torch.Tensor | None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Only the new token ids [B, n]; rows that finish early are padded with the pad id."""
-        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, top_k, no_repeat_ngram_size, seed)
+        """Only the new token ids [B, n]; rows that finish early are padded with the pad id. kwargs as for
+        `generate_stream`."""
+        cfg, media = split_generation_kwargs(kwargs)
         decoder = Decoder(self, input_ids, attention_mask, media, cfg)
         rows = [[] for _ in range(input_ids.shape[0])]
         while not decoder.done and not (stop_event is not None and stop_event.is_set()):
@@ -237,3 +229,14 @@ class MingOmni(nn.Module):
         pad = self.config.llm_config.pad_token_id
         n = max(len(r) for r in rows)
         return torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long)
+
+
+def split_generation_kwargs(kwargs: dict) -> tuple[SamplingConfig, dict]:
+    """Separate the SamplingConfig fields from the media tensors (anything else is a mistake worth naming)."""
+    fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+    sampling = {k: v for k, v in kwargs.items() if k in fields}
+    media = {k: v for k, v in kwargs.items() if k not in fields}
+    unknown = set(media) - set(inspect.signature(MingOmni.embed).parameters)
+    if unknown:
+        raise TypeError(f"unexpected generation arguments: {sorted(unknown)}")
+    return SamplingConfig(**sampling), media

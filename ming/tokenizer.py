@@ -210,17 +210,23 @@ def _tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]], added_
         },
         "post_processor": None,
         "decoder": byte_level,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "vocab": vocab,
-            "merges": [f"{left} {right}" for left, right in merges],
-        },
+        "model": bpe_model_json(vocab, merges),
+    }
+
+
+def bpe_model_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict:
+    """The `model` section of a tokenizer.json for a byte-level BPE. Merges are written in the "a b" string form,
+    which every `tokenizers` version reads (the reference venv has 0.20)."""
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": False,
+        "byte_fallback": False,
+        "vocab": vocab,
+        "merges": [f"{left} {right}" for left, right in merges],
     }
 
 

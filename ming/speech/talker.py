@@ -32,6 +32,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import nn
 
+from ..llm import RMSNorm
 from ..loading import CheckpointError, checkpoint_files, materialize, params_on_meta
 
 WEIGHT_PREFIX = "talker."
@@ -124,18 +125,6 @@ class TalkerLMConfig:
             rope_theta=float(theta),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
         )
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

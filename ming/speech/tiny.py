@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from ..configs import MingConfig
 from ..tiny import tiny_tensor
-from ..tokenizer import byte_alphabet
+from ..tokenizer import bpe_model_json, byte_alphabet
 from .detokenizer import write_tiny_detokenizer
 from .s3bpe import write_char_mapping
 from .talker import WEIGHT_PREFIX, Talker, TalkerLMConfig, TalkerTokenizer
@@ -112,7 +112,7 @@ def write_text_tokenizer(talker_dir: str) -> int:
         "pre_tokenizer": byte_level,
         "post_processor": None,
         "decoder": byte_level,
-        "model": _bpe_model(vocab, []),
+        "model": bpe_model_json(vocab, []),
     }
     with open(os.path.join(talker_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer, f, ensure_ascii=False)
@@ -148,26 +148,11 @@ def write_s3_bpe(s3_bpe_dir: str) -> int:
         "pre_tokenizer": None,
         "post_processor": None,
         "decoder": None,
-        "model": _bpe_model(vocab, merges),
+        "model": bpe_model_json(vocab, merges),
     }
     with open(os.path.join(s3_bpe_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer, f, ensure_ascii=False)
     return len(vocab)
-
-
-def _bpe_model(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict:
-    # Merges in the "a b" string form, which every `tokenizers` version reads (the reference venv has 0.20).
-    return {
-        "type": "BPE",
-        "dropout": None,
-        "unk_token": None,
-        "continuing_subword_prefix": None,
-        "end_of_word_suffix": None,
-        "fuse_unk": False,
-        "byte_fallback": False,
-        "vocab": vocab,
-        "merges": [f"{left} {right}" for left, right in merges],
-    }
 
 
 def add_to_model_safetensors(ckpt_dir: str, tensors: dict[str, torch.Tensor]) -> None:
