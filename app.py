@@ -108,12 +108,12 @@ def speech_to_speech(audio, turns, voice, max_new_tokens, request: gr.Request):
 
 
 def thinking(text, image, turns, max_new_tokens, request: gr.Request):
+    sampling = Sampling(max_new_tokens=max_new_tokens)
     first = True
-    for turns in engine.thinking(turns, text, image, Sampling(max_new_tokens=max_new_tokens), request.session_hash):
+    for turns, progress in engine.thinking(turns, text, image, sampling, request.session_hash):
         cleared = ("", None) if first else (gr.skip(), gr.skip())
         first = False
-        yield engine.thinking_chat_messages(turns, pending=True), *cleared, turns
-    yield engine.thinking_chat_messages(turns), gr.skip(), gr.skip(), turns
+        yield engine.thinking_chat_messages(turns, pending=not progress.done), *cleared, turns
 
 
 def stop(request: gr.Request):
@@ -121,14 +121,6 @@ def stop(request: gr.Request):
 
 
 # ============================================================================================================== layout
-def sampling_controls(max_new_tokens: int = 512) -> tuple[gr.Slider, gr.Slider, gr.Slider]:
-    temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", info="0 = greedy")
-    top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-    tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=max_new_tokens, step=1, label="Max new tokens",
-                       elem_id="chat-max-tokens")
-    return temperature, top_p, tokens
-
-
 def voice_dropdown() -> gr.Dropdown:
     return gr.Dropdown(VOICES, value=DEFAULT_VOICE, label="Voice", interactive=bool(VOICES),
                        info=None if VOICES else "this checkpoint has no speech model")
@@ -160,13 +152,19 @@ def build_chat_tab():
                 clear_button = gr.Button("Clear", size="sm")
             with gr.Accordion("Webcam (attach a photo or a clip to the next message)", open=False):
                 with gr.Row():
-                    photo = gr.Image(sources=["webcam"], type="filepath", image_mode=None, label="Photo")
-                    clip = gr.Video(sources=["webcam"], label="Clip")
+                    photo = gr.Image(sources=["webcam"], type="filepath", image_mode=None, label="Photo",
+                                     elem_id="chat-photo")
+                    # Unmirrored: the model should see the scene as it is (and Gradio then skips an ffmpeg pass).
+                    clip = gr.Video(sources=["webcam"], label="Clip", elem_id="chat-clip",
+                                    webcam_options=gr.WebcamOptions(mirror=False))
         with gr.Column(scale=1):
             system_prompt = gr.Textbox("", label="System prompt", lines=3, placeholder="e.g. You are a friendly tutor.")
             speak = gr.Checkbox(label="Reply with voice", value=False, interactive=bool(VOICES), elem_id="chat-speak")
             voice = voice_dropdown()
-            temperature, top_p, max_new_tokens = sampling_controls()
+            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", info="0 = greedy")
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+            max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
+                                       elem_id="chat-max-tokens")
             gr.Markdown(engine.LIMITS_MARKDOWN, elem_classes="limits")
 
     photo.change(attach, [box, photo], [box, photo], api_visibility="private", queue=False)

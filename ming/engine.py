@@ -83,9 +83,9 @@ LIMITS_MARKDOWN = (
 class Engine:
     """The one model instance every tab shares."""
 
-    model: MingOmni
-    processor: MingProcessor
-    speech: object | None  # ming.speech.SpeechGenerator, or None when the checkpoint has no talker
+    model: MingOmni = field(repr=False)
+    processor: MingProcessor = field(repr=False)
+    speech: object | None = field(repr=False)  # ming.speech.SpeechGenerator, or None when there is no talker/
     checkpoint: str
     is_tiny: bool
     notice: str  # why this checkpoint was chosen, when that is worth telling the user ("" otherwise)
@@ -260,26 +260,21 @@ def check_video(path: str) -> float:
     return seconds
 
 
-def check_audio(path_or_recording, max_seconds: float) -> np.ndarray:
-    """The waveform (float32, 16 kHz), after the length check (from the header) and a silence check."""
-    name = os.path.basename(path_or_recording) if isinstance(path_or_recording, str) else "the recording"
+def check_audio(path: str, max_seconds: float) -> np.ndarray:
+    """The waveform (float32, 16 kHz), after a length check (from the header, before decoding) and a silence
+    check."""
+    name = os.path.basename(path)
     try:
-        if isinstance(path_or_recording, str):
-            seconds = audio_duration(path_or_recording)
-            if seconds > max_seconds:
-                raise user_error(
-                    f"'{name}' is {format_duration(seconds)} long; the limit here is {format_duration(max_seconds)}.",
-                    title="Recording too long",
-                )
-        waveform = load_audio(path_or_recording)
+        seconds = audio_duration(path)
+        if seconds > max_seconds:
+            raise user_error(f"'{name}' is {format_duration(seconds)} long; the limit here is "
+                             f"{format_duration(max_seconds)}.", title="Recording too long")
+        waveform = load_audio(path)
     except MediaError as error:
         raise user_error(str(error), title="Unreadable audio") from None
-    if len(waveform) > max_seconds * 16000 + 1:
-        raise user_error(f"The recording is {format_duration(len(waveform) / 16000)} long; the limit here is "
-                         f"{format_duration(max_seconds)}.", title="Recording too long")
     if loudest_window_dbfs(waveform) < SILENCE_DBFS:
-        raise user_error(f"{name[0].upper() + name[1:]} is silent: there is no speech to hear. "
-                         "Check the microphone, or pick another file.", title="Silent audio")
+        raise user_error(f"'{name}' is silent: there is no speech to hear. Check the microphone, or pick another "
+                         "file.", title="Silent audio")
     return waveform
 
 
@@ -433,11 +428,12 @@ class Job:
 
     @property
     def gpu_seconds(self) -> int:
-        """What to ask ZeroGPU for: start-up and prefill, plus per new token ~0.05 s for text and ~0.15 s more
-        when the talker, flow decoder and vocoder speak it. Quota is charged by actual use, and a shorter request
-        queues sooner; 120 s is the longest a free visitor may ask for."""
+        """What to ask ZeroGPU for: start-up and prefill, plus per new token 0.02 s for text and 0.08 s more when
+        the talker, flow decoder and vocoder speak it. That is about 4x what bench/ measured on an H100 (~270
+        tokens/s decoding, speech at a real-time factor of ~0.11), as ZeroGPU gives half a larger card. Quota is
+        charged by actual use and a shorter request queues sooner; 120 s is the most a free visitor may ask for."""
         prompt_tokens = sum(s["input_ids"].shape[1] for s in self.segments)
-        per_token = 0.05 + (0.15 if self.voice else 0.0)
+        per_token = 0.02 + (0.08 if self.voice else 0.0)
         seconds = 10 + prompt_tokens / 1000 + len(self.segments) * self.sampling.max_new_tokens * per_token
         return int(min(max(seconds, 15), MAX_GPU_SECONDS))
 
@@ -570,6 +566,9 @@ def reply_stream(job: Job, turn: Turn) -> Iterator[Progress]:
             yield Progress(turn, audio=(rate, chunk.audio))
         elif chunk.text:
             yield Progress(turn)
+        elif chunk.finish_reason == "length":
+            gr.Info(f"The reply stopped at max new tokens ({job.sampling.max_new_tokens}); raise it in the settings "
+                    "for longer answers.", duration=6)
     if pieces:
         turn.reply_audio = save_wav(rate, np.concatenate(pieces))
     yield Progress(turn, done=True)
@@ -633,7 +632,7 @@ def vision_qa(image: str | None, video: str | None, question: str, sampling: Sam
     question = (question or "").strip() or "Describe this in detail."
     turn = new_turn(question, [image or video])
     inputs = prepare_inputs([turn], "", sampling)
-    for progress in reply_stream(Job(session, [inputs], sampling), turn):
+    for _ in reply_stream(Job(session, [inputs], sampling), turn):
         yield turn.reply
 
 
@@ -699,14 +698,14 @@ def speech_to_speech(turns: list[Turn], audio: str | None, voice: str | None, sa
 
 @user_errors
 def thinking(turns: list[Turn], text: str, image: str | None, sampling: Sampling,
-             session: str) -> Iterator[list[Turn]]:
+             session: str) -> Iterator[tuple[list[Turn], Progress]]:
     """Thinking mode: the release's chain-of-thought prompt on the newest question (optionally with an image)."""
     sampling = sampling.checked()
     turn = new_turn(text, [image] if image else [])
     turns = [*turns, turn]
     inputs = prepare_inputs(turns, "", sampling, build=thinking_messages)
     for progress in reply_stream(Job(session, [inputs], sampling), turn):
-        yield turns
+        yield turns, progress
 
 
 # ========================================================================================================= rendering

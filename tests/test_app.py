@@ -44,13 +44,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app():
+def serve():
+    """The app module, serving on localhost. One server per test process, shared with test_browser.py: Gradio
+    removes its cached example files when a demo closes, so the demo is never closed and relaunched."""
     import app as space
 
-    url = space.launch(argparse.Namespace(host="127.0.0.1", port=free_port(), share=False), block=False)
-    yield space, url
-    space.demo.close()
+    if not space.demo.is_running:
+        space.launch(argparse.Namespace(host="127.0.0.1", port=free_port(), share=False), block=False)
+    return space
+
+
+@pytest.fixture(scope="module")
+def app():
+    space = serve()
+    return space, space.demo.local_url
 
 
 @pytest.fixture
@@ -261,6 +268,7 @@ BAD_REQUESTS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the 12000x12000 image, on purpose
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_input_gets_a_message_and_the_app_keeps_working(client, bad_files, case):
     request, message = BAD_REQUESTS[case]

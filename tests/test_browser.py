@@ -1,7 +1,8 @@
 """The Space in a real browser: Playwright drives Debian's Chromium (headless) against app.py on localhost with the
 tiny checkpoint. Every tab is visited; each runs one of its examples, and real media go through the page's own
-upload inputs (an image in Chat, a video in Image & video QA, a wav in ASR) and Chromium's fake microphone (a wav
-played as the mic) for a voice turn. Screenshots land in tests/artifacts/ (gitignored).
+upload inputs (an image in Chat, a video in Image & video QA, a wav in ASR), Chromium's fake microphone (a wav
+played as the mic) for a voice turn and its fake camera for a webcam photo. Screenshots land in tests/artifacts/
+(gitignored).
 
 The test checks what a user sees: text that grows while it streams, the "Thinking" block, and audio players.
 """
@@ -43,11 +44,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def url():
+    """One server per test process, shared with test_app.py: Gradio removes its cached example files when a demo
+    closes, so the demo is never closed and relaunched."""
     import app as space
 
-    local_url = space.launch(argparse.Namespace(host="127.0.0.1", port=free_port(), share=False), block=False)
-    yield local_url
-    space.demo.close()
+    if not space.demo.is_running:
+        space.launch(argparse.Namespace(host="127.0.0.1", port=free_port(), share=False), block=False)
+    return space.demo.local_url
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +62,11 @@ def page(url):
             headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run",
-                  # Gradio's own recipe for microphone tests: a wav file plays as the microphone.
+                  # Gradio's own recipe for media tests: a test-pattern camera, and a wav file as the microphone.
                   "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                   f"--use-file-for-fake-audio-capture={MICROPHONE_WAV}"],
         )
-        context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["microphone"])
+        context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["microphone", "camera"])
         context.set_default_timeout(TIMEOUT_MS)
         page = context.new_page()
         page.goto(url)
@@ -188,6 +191,17 @@ def test_chat_runs_an_example_an_upload_and_a_spoken_reply(page):
     page.locator("#chat-chatbot button[aria-label=Undo]").last.click()
     expect(page.locator("#chat-chatbot .user-row")).to_have_count(2)
     expect(page.locator("#chat-input textarea")).to_have_value("Say hello.")
+
+    # A webcam photo (Chromium's fake camera) joins the message being written.
+    page.locator("#chat-speak input[type=checkbox]").uncheck()
+    page.get_by_text("Webcam (attach a photo or a clip to the next message)").click()
+    page.locator("#chat-photo").get_by_text("Click to Access Webcam").click()
+    page.locator("#chat-photo button[aria-label='capture photo']").click()
+    expect(page.locator("#chat-input [aria-label='File thumbnail']")).to_have_count(1)
+    page.locator("#chat-input textarea").fill("What do you see on the camera?")
+    page.locator("#chat-input textarea").press("Enter")
+    watch(last_bot_text(page, "chat-chatbot"), finished(page, "chat-chatbot"))
+    expect(page.locator("#chat-chatbot .user-row").last.locator("img")).to_have_count(1)
 
 
 def test_vision_qa_answers_about_an_uploaded_video_and_an_example(page):
