@@ -66,6 +66,11 @@ def write_tiny_talker(ckpt_dir: str) -> None:
         WEIGHT_PREFIX + key: tiny_tensor(WEIGHT_PREFIX + key, tuple(value.shape)).contiguous()
         for key, value in talker.state_dict().items()
     }
+    # A random head almost never picks <audio_eos>, so every sentence would run to its token budget (tens of
+    # seconds of noise per reply). A long <audio_eos> row makes its logit large about a third of the time, so tiny
+    # sentences end after a dozen or so tokens, as real ones end when the text is spoken.
+    eos = talker.tokenizer.ids["<audio_eos>"]
+    weights[WEIGHT_PREFIX + "model.lm_head.weight"][eos] *= 8.0
     add_to_model_safetensors(ckpt_dir, weights)
 
 
