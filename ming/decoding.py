@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .generation import SamplingConfig, select_next_token
+from .generation import NgramGuard, SamplingConfig, select_next_token
 from .llm import BailingMoeForCausalLM, decode_mask, prefill_mask, use_triton
 
 if TYPE_CHECKING:
@@ -133,7 +133,9 @@ class Decoder:
         self.logits = llm.logits(hidden[:, -1])
         self.next_position = positions[:, -1] + 1
         self.cache_index = L
-        self.histories = [row.tolist() for row in input_ids]
+        self.guards = None
+        if cfg.no_repeat_ngram_size > 0:
+            self.guards = [NgramGuard(cfg.no_repeat_ngram_size, row.tolist()) for row in input_ids]
         self.finished = [False] * B
         self.generated = 0
 
@@ -143,7 +145,7 @@ class Decoder:
 
     def step(self) -> list[int | None]:
         """Choose the next token of every unfinished row (None for finished rows) and feed it to the model."""
-        tokens = select_next_token(self.logits, self.cfg, self.histories, self.generator)
+        tokens = select_next_token(self.logits, self.cfg, self.guards, self.generator)
         out: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
             if self.finished[row] or token == self.eos:
@@ -151,7 +153,8 @@ class Decoder:
                 tokens[row] = self.eos
                 out.append(None)
                 continue
-            self.histories[row].append(token)
+            if self.guards is not None:
+                self.guards[row].append(token)
             out.append(token)
         self.generated += 1
         if not self.done:

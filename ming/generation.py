@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -26,28 +27,41 @@ class SamplingConfig:
             raise ValueError("top_p must be in (0, 1]")
 
 
-def banned_ngram_tokens(history: list[int], n: int) -> list[int]:
-    """Tokens that would repeat an n-gram already in `history` (the rule of transformers' no_repeat_ngram_size)."""
-    if n <= 0 or len(history) < n:
-        return []
-    prefix = tuple(history[len(history) - n + 1 :])
-    banned = []
-    for i in range(len(history) - n + 1):
-        if tuple(history[i : i + n - 1]) == prefix:
-            banned.append(history[i + n - 1])
-    return banned
+class NgramGuard:
+    """transformers' no_repeat_ngram_size rule: ban any token that would complete an n-gram already in the sequence
+    (prompt included). The n-grams are indexed as tokens arrive, so a step costs O(1), not O(sequence length):
+    a 9,000-token video prompt must not slow every decode step down."""
+
+    def __init__(self, n: int, history: list[int]):
+        self.n = n
+        self.history: list[int] = []
+        self.next_tokens: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        for token in history:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        self.history.append(token)
+        if len(self.history) >= self.n:
+            gram = self.history[-self.n :]
+            self.next_tokens[tuple(gram[:-1])].add(gram[-1])
+
+    def banned(self) -> list[int]:
+        if len(self.history) < self.n - 1:
+            return []
+        prefix = tuple(self.history[len(self.history) - self.n + 1 :])
+        return sorted(self.next_tokens.get(prefix, ()))
 
 
 def select_next_token(
-    logits: torch.Tensor, cfg: SamplingConfig, histories: list[list[int]], generator: torch.Generator | None
+    logits: torch.Tensor, cfg: SamplingConfig, guards: list[NgramGuard] | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """logits [B, V] (float32) -> next token ids [B]."""
+    """logits [B, V] (float32) -> next token ids [B]. `guards`: one NgramGuard per row when the repetition guard
+    is on."""
     logits = logits.clone()
-    if cfg.no_repeat_ngram_size > 0:
-        for row, history in enumerate(histories):
-            banned = banned_ngram_tokens(history, cfg.no_repeat_ngram_size)
-            if banned:
-                logits[row, banned] = float("-inf")
+    for row, guard in enumerate(guards or []):
+        banned = guard.banned()
+        if banned:
+            logits[row, banned] = float("-inf")
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
     logits = logits / cfg.temperature

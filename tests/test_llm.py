@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from ming.generation import SamplingConfig, banned_ngram_tokens, select_next_token
+from ming.generation import NgramGuard, SamplingConfig, select_next_token
 from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, RMSNorm, SparseMoeBlock, apply_rope, decode_mask, prefill_mask
 from ming.tiny import tiny_config, tiny_tensor
 
@@ -118,18 +118,22 @@ def test_norm_head_normalises_columns_once():
 def test_sampling_rules():
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
     greedy = SamplingConfig(do_sample=False)
-    assert select_next_token(logits, greedy, [[]], None).item() == 1
+    assert select_next_token(logits, greedy, None, None).item() == 1
     top1 = SamplingConfig(do_sample=True, top_k=1)
-    assert all(select_next_token(logits, top1, [[]], torch.Generator().manual_seed(s)).item() == 1 for s in range(5))
+    assert all(select_next_token(logits, top1, None, torch.Generator().manual_seed(s)).item() == 1 for s in range(5))
     nucleus = SamplingConfig(do_sample=True, top_p=0.5)
-    assert all(select_next_token(logits, nucleus, [[]], torch.Generator().manual_seed(s)).item() == 1 for s in range(5))
+    assert all(select_next_token(logits, nucleus, None, torch.Generator().manual_seed(s)).item() == 1 for s in range(5))
     wide = SamplingConfig(do_sample=True, top_p=0.99)
-    picks = {select_next_token(logits, wide, [[]], torch.Generator().manual_seed(s)).item() for s in range(40)}
+    picks = {select_next_token(logits, wide, None, torch.Generator().manual_seed(s)).item() for s in range(40)}
     assert picks == {1, 2}
     # no_repeat_ngram_size=2: after "... 7 1" the bigram (1, x) seen before bans x.
-    assert banned_ngram_tokens([1, 2, 7, 1], 2) == [2]
+    assert NgramGuard(2, [1, 2, 7, 1]).banned() == [2]
+    guard = NgramGuard(3, [5, 6, 9, 5])
+    assert guard.banned() == []
+    guard.append(6)  # "5 6" was followed by 9 before
+    assert guard.banned() == [9]
     guarded = SamplingConfig(no_repeat_ngram_size=2)
-    assert select_next_token(logits, guarded, [[1, 1]], None).item() == 2
+    assert select_next_token(logits, guarded, [NgramGuard(2, [1, 1])], None).item() == 2
 
 
 def test_left_padded_row_equals_its_unpadded_run():
@@ -143,3 +147,16 @@ def test_left_padded_row_equals_its_unpadded_run():
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     hidden = llm.model(llm.model.word_embeddings(batch), positions, prefill_mask(valid), None)
     torch.testing.assert_close(llm.logits(hidden)[0, 2:], want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_ngram_guard_equals_the_brute_force_rule():
+    rng = torch.Generator().manual_seed(5)
+    for n in (2, 3, 4):
+        seq = torch.randint(0, 4, (60,), generator=rng).tolist()
+        guard = NgramGuard(n, seq[:10])
+        for t in range(10, 60):
+            history = seq[:t]
+            prefix = tuple(history[t - n + 1 :])
+            want = sorted({history[i + n - 1] for i in range(t - n + 1) if tuple(history[i : i + n - 1]) == prefix})
+            assert guard.banned() == want
+            guard.append(seq[t])
