@@ -68,6 +68,7 @@ def page(url):
         )
         context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["microphone", "camera"])
         context.set_default_timeout(TIMEOUT_MS)
+        expect.set_options(timeout=TIMEOUT_MS)  # assertions wait as long as actions (5 s is too short on a busy CPU)
         page = context.new_page()
         page.goto(url)
         page.wait_for_selector("#chat-input")
