@@ -237,6 +237,9 @@ def test_chat_runs_an_example_an_upload_and_a_spoken_reply(page):
     page.locator("#chat-speak input[type=checkbox]").uncheck()
     page.get_by_text("Webcam (attach a photo or a clip to the next message)").click()
     page.locator("#chat-photo").get_by_text("Click to Access Webcam").click()
+    # Capture only once the fake camera delivers frames: a click before that takes nothing (seen on a busy CPU).
+    page.wait_for_function("() => { const v = document.querySelector('#chat-photo video'); "
+                           "return v && v.readyState >= 2 && v.videoWidth > 0; }")
     page.locator("#chat-photo button[aria-label='capture photo']").click()
     expect(page.locator("#chat-input [aria-label='File thumbnail']")).to_have_count(1)
     page.locator("#chat-input textarea").fill("What do you see on the camera?")
@@ -285,6 +288,7 @@ def test_asr_transcribes_an_uploaded_wav_and_an_example(page):
     open_tab(page, "ASR")
     page.locator("#asr-audio button[aria-label='Upload file']").click()  # the microphone is the default source
     page.locator("#asr-audio input[type=file]").set_input_files(os.path.join(EXAMPLES, "audio", "fox_sentence.wav"))
+    expect(page.locator("#asr-audio audio")).to_be_attached()  # the upload has finished (Transcribe needs it)
     page.get_by_role("button", name="Transcribe", exact=True).click()
     transcript = page.locator("#asr-transcript textarea")
     states = watch(textarea_text(page, "asr-transcript"), finished(page, "asr-transcript"))
