@@ -124,6 +124,7 @@ def load_release_weights(model: nn.Module, folder: str, skip_prefixes: tuple[str
                 tensor = f.get_tensor(key)
                 if tuple(tensor.shape) != tuple(dest.shape):
                     mis_shaped.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(dest.shape)}")
+                    seen.add(key)  # present, reported once: as mis-shaped, not also as missing
                     continue
                 dest.copy_(tensor)
                 seen.add(key)
