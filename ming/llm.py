@@ -84,7 +84,6 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.attention_head_dim
-        self.rope_theta = config.rope_theta
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=config.use_qkv_bias)
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
@@ -105,36 +104,27 @@ class Attention(nn.Module):
         attends over the whole cache ([B, 1, 1, S] mask, S = cache length)."""
         B, L, _ = x.shape
         qkv = self.query_key_value(x).view(B, L, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        split = [self.num_heads, self.num_kv_heads, self.num_kv_heads]
         if use_triton(x):
-            return self.dense(self._fused_attention(qkv, rope, mask, cache, cache_position).reshape(B, L, -1))
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            cache.k.index_copy_(2, cache_position, k)
-            cache.v.index_copy_(2, cache_position, v)
-            if L == 1:
-                return self.dense(self._decode_attention(q, cache, mask).reshape(B, 1, -1))
+            # One kernel rotates q/k in place and writes k/v into the cache; decode then attends in two more.
+            kv_cache = None if cache is None else (cache.k, cache.v)
+            kernels.rope_(qkv, *rope, self.num_heads, self.num_kv_heads, kv_cache, cache_position)
+            if cache is not None and L == 1:
+                out = kernels.decode_attention(qkv, cache.k, cache.v, mask.reshape(B, -1), self.num_heads)
+                return self.dense(out.reshape(B, 1, -1))
+            q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
+        else:
+            q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                cache.k.index_copy_(2, cache_position, k)
+                cache.v.index_copy_(2, cache_position, v)
+                if L == 1:
+                    return self.dense(self._decode_attention(q, cache, mask).reshape(B, 1, -1))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.dense(out.transpose(1, 2).reshape(B, L, -1))
-
-
-    def _fused_attention(self, qkv, rope, mask, cache, cache_position) -> torch.Tensor:
-        """The GPU path: one kernel rotates q/k and writes the cache, one more pair attends (decode)."""
-        B, L = qkv.shape[:2]
-        kv_cache = None if cache is None else (cache.k, cache.v)
-        kernels.rope_(qkv, *rope, self.num_heads, self.num_kv_heads, kv_cache, cache_position)
-        if cache is not None and L == 1:
-            key_valid = mask.reshape(B, -1)
-            return kernels.decode_attention(qkv, cache.k, cache.v, key_valid, self.num_heads)
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        return out.transpose(1, 2)
 
     def _decode_attention(self, q: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
         """One query per row over the whole cache. The query heads of a KV group attend together, so each cached
