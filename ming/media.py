@@ -8,6 +8,7 @@ wrong, so the UI can show it as is. The sampling and resizing rules follow the M
   * audio: float32 mono at 16 kHz, keeping the FIRST channel of multi-channel audio (the reference does not downmix).
 """
 
+import contextlib
 import io
 import math
 import os
@@ -328,6 +329,21 @@ def _first_channel_from_array(samples: np.ndarray, name: str) -> np.ndarray:
     return samples.astype(np.float32)
 
 
+@contextlib.contextmanager
+def _audio_stream(src, name: str):
+    """(container, first audio stream) opened with FFmpeg; every failure becomes a MediaError naming the file."""
+    try:
+        with av.open(src) as container:
+            if not container.streams.audio:
+                raise MediaError(f"Could not read audio '{name}': the file has no audio stream.")
+            yield container, container.streams.audio[0]
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise MediaError(f"Could not read audio '{name}': the file is damaged or not a supported audio format "
+                         f"({error}).") from None
+
+
 def _decode_audio(src, name: str) -> tuple[np.ndarray, int]:
     # Lossless containers are read with libsndfile (exact and fast); everything else (mp3, ogg, m4a, aac, webm, ...)
     # goes through FFmpeg, the decoder the reference's torchaudio uses too.
@@ -341,24 +357,15 @@ def _decode_audio(src, name: str) -> tuple[np.ndarray, int]:
         pass
     if isinstance(src, io.BytesIO):
         src.seek(0)
-    try:
-        with av.open(src) as container:
-            if not container.streams.audio:
-                raise MediaError(f"Could not read audio '{name}': the file has no audio stream.")
-            stream = container.streams.audio[0]
-            to_float = av.AudioResampler(format="fltp")  # planar float, original layout and rate
-            chunks, sample_rate = [], stream.rate
-            for frame in container.decode(stream):
-                for converted in to_float.resample(frame):
-                    chunks.append(converted.to_ndarray()[0])
-                    sample_rate = converted.sample_rate
-            for converted in to_float.resample(None):
+    with _audio_stream(src, name) as (container, stream):
+        to_float = av.AudioResampler(format="fltp")  # planar float, original layout and rate
+        chunks, sample_rate = [], stream.rate
+        for frame in container.decode(stream):
+            for converted in to_float.resample(frame):
                 chunks.append(converted.to_ndarray()[0])
-    except MediaError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as error:
-        raise MediaError(f"Could not read audio '{name}': the file is damaged or not a supported audio format "
-                         f"({error}).") from None
+                sample_rate = converted.sample_rate
+        for converted in to_float.resample(None):
+            chunks.append(converted.to_ndarray()[0])
     if not chunks:
         raise MediaError(f"Could not read audio '{name}': no decodable audio.")
     return np.concatenate(chunks).astype(np.float32), int(sample_rate)
@@ -375,18 +382,10 @@ def audio_duration(source: MediaSource) -> float:
     except Exception:
         if isinstance(src, io.BytesIO):
             src.seek(0)
-    try:
-        with av.open(src) as container:
-            if not container.streams.audio:
-                raise MediaError(f"Could not read audio '{name}': the file has no audio stream.")
-            seconds = _header_duration(container, container.streams.audio[0])
-            if seconds is not None:
-                return seconds
-    except MediaError:
-        raise
-    except (av.FFmpegError, OSError, ValueError) as error:
-        raise MediaError(f"Could not read audio '{name}': the file is damaged or not a supported audio format "
-                         f"({error}).") from None
+    with _audio_stream(src, name) as (container, stream):
+        seconds = _header_duration(container, stream)
+        if seconds is not None:
+            return seconds
     if isinstance(src, io.BytesIO):
         src.seek(0)
     waveform, sample_rate = _decode_audio(src, name)
