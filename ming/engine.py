@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from . import MingOmni, MingProcessor
-from .loading import DEFAULT_HUB_ID, DEFAULT_REVISION, resolve_checkpoint
+from .loading import DEFAULT_HUB_ID, DEFAULT_REVISION, CheckpointError, resolve_checkpoint
 from .media import MediaError, audio_duration, load_audio, video_duration
 from .processor import asr_messages, thinking_messages
 
@@ -180,7 +180,12 @@ def load(requested: str | None = None) -> Engine:
     if os.path.isdir(os.path.join(folder, "talker")):
         from .speech import SpeechGenerator
 
-        speech = SpeechGenerator.from_pretrained(folder, device=device, dtype=dtype)
+        try:
+            speech = SpeechGenerator.from_pretrained(folder, device=device, dtype=dtype)
+        except (CheckpointError, OSError, ValueError) as error:  # e.g. a checkpoint without talker weights
+            log.warning("speech is off: %s", error)
+            reason = str(error).strip().splitlines()[0][:200]
+            notice = f"{notice} Spoken replies are off: the speech model could not be loaded ({reason}).".strip()
     log.info("loaded %s on %s in %.1f s", folder, device, time.perf_counter() - started)
     ENGINE = Engine(model, processor, speech, folder, is_tiny, notice, device)
     return ENGINE

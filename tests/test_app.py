@@ -359,3 +359,20 @@ def test_an_unreachable_model_falls_back_to_the_tiny_checkpoint(monkeypatch):
     folder, is_tiny, notice = engine.choose_checkpoint("inclusionAI/no-such-model")
     assert is_tiny and os.path.exists(os.path.join(folder, "config.json"))
     assert "Could not load `inclusionAI/no-such-model`" in notice
+
+
+def test_a_checkpoint_without_talker_weights_loads_text_only(monkeypatch, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ming import engine
+
+    folder = tmp_path / "no-talker"
+    shutil.copytree(engine.tiny_checkpoint_dir(), folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("talker.")}, folder / "model.safetensors")
+    monkeypatch.setattr(engine, "ENGINE", None)  # load() builds a fresh engine; monkeypatch restores the app's
+    text_only = engine.load(str(folder))
+    assert text_only.speech is None and text_only.voices == []
+    assert "Spoken replies are off" in text_only.notice
