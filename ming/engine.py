@@ -173,15 +173,17 @@ def load(requested: str | None = None) -> Engine:
     on_gpu = torch.cuda.is_available() and not is_tiny
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
+    # On ZeroGPU, load on the CPU and then move with .to("cuda"): the pattern its CUDA emulation packs at start-up.
+    load_device = torch.device("cpu") if os.environ.get("SPACES_ZERO_GPU") else device
     started = time.perf_counter()
-    model = MingOmni.from_pretrained(folder, dtype=dtype, device=device)
+    model = MingOmni.from_pretrained(folder, dtype=dtype, device=load_device).to(device)
     processor = MingProcessor.from_pretrained(folder)
     speech = None
     if os.path.isdir(os.path.join(folder, "talker")):
         from .speech import SpeechGenerator
 
         try:
-            speech = SpeechGenerator.from_pretrained(folder, device=device, dtype=dtype)
+            speech = SpeechGenerator.from_pretrained(folder, device=load_device, dtype=dtype).to(device)
         except (CheckpointError, OSError, ValueError) as error:  # e.g. a checkpoint without talker weights
             log.warning("speech is off: %s", error)
             reason = str(error).strip().splitlines()[0][:200]

@@ -225,6 +225,13 @@ class SpeechGenerator:
             VoiceBank.from_checkpoint(ckpt_dir),
         )
 
+    def to(self, device: str | torch.device) -> "SpeechGenerator":
+        """Move the talker, flow decoder and vocoder (ZeroGPU wants weights loaded on the CPU, then moved)."""
+        self.talker.to(device)
+        self.detokenizer.flow.to(device)
+        self.detokenizer.hift.to(device)
+        return self
+
     @property
     def voices(self) -> list[str]:
         return self.voice_bank.names
