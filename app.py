@@ -56,11 +56,11 @@ def chat(message, turns, system_prompt, temperature, top_p, max_new_tokens, spea
     message = message or {}
     sampling = Sampling(temperature, top_p, max_new_tokens)
     first = True
-    for turns, progress in engine.chat(turns, message.get("text", ""), message.get("files", []), system_prompt,
-                                       sampling, speak, voice, request.session_hash):
+    for updated, progress in engine.chat(turns, message.get("text", ""), message.get("files", []), system_prompt,
+                                         sampling, speak, voice, request.session_hash):
         cleared = None if first else gr.skip()
         first = False
-        yield engine.chat_messages(turns, pending=not progress.done), progress.audio or gr.skip(), cleared, turns
+        yield engine.chat_messages(updated, pending=not progress.done), progress.audio or gr.skip(), cleared, updated
 
 
 def retry_chat(turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, request: gr.Request):
@@ -101,19 +101,19 @@ def asr(audio, request: gr.Request):
 def speech_to_speech(audio, turns, voice, max_new_tokens, request: gr.Request):
     sampling = Sampling(max_new_tokens=max_new_tokens)
     first = True
-    for turns, progress in engine.speech_to_speech(turns, audio, voice, sampling, request.session_hash):
+    for updated, progress in engine.speech_to_speech(turns, audio, voice, sampling, request.session_hash):
         cleared = None if first else gr.skip()  # the recording moves into the conversation; the mic is ready again
         first = False
-        yield engine.chat_messages(turns, pending=not progress.done), progress.audio or gr.skip(), cleared, turns
+        yield engine.chat_messages(updated, pending=not progress.done), progress.audio or gr.skip(), cleared, updated
 
 
 def thinking(text, image, turns, max_new_tokens, request: gr.Request):
     sampling = Sampling(max_new_tokens=max_new_tokens)
     first = True
-    for turns, progress in engine.thinking(turns, text, image, sampling, request.session_hash):
+    for updated, progress in engine.thinking(turns, text, image, sampling, request.session_hash):
         cleared = ("", None) if first else (gr.skip(), gr.skip())
         first = False
-        yield engine.thinking_chat_messages(turns, pending=not progress.done), *cleared, turns
+        yield engine.thinking_chat_messages(updated, pending=not progress.done), *cleared, updated
 
 
 def stop(request: gr.Request):

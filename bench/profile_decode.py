@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,19 +32,20 @@ def tune_expert_kernels() -> None:
     h = torch.randn(k, I, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, k, H, device="cuda")
     candidates = [(8, 256, 2), (16, 256, 4), (32, 256, 8), (32, 128, 4), (64, 128, 8), (16, 512, 8), (64, 64, 4), (128, 64, 8)]
-    original = kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS
     for part, gigabytes in (("gate_up", 2 * k * I * H * 2 / 1e9), ("down", k * I * H * 2 / 1e9)):
         for bn, bk, warps in candidates:
             if part == "gate_up":
-                fn = lambda: kernels._gate_up_kernel[(k, triton.cdiv(I, bn))](
-                    x, w_gate, w_up, experts, h, K=H, N=I, TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                fn = functools.partial(
+                    kernels._gate_up_kernel[(k, triton.cdiv(I, bn))], x, w_gate, w_up, experts, h,
+                    K=H, N=I, TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                )
             else:
-                fn = lambda: kernels._down_kernel[(k, triton.cdiv(H, bn))](
-                    h, w_down, experts, weights, out, K=I, N=H, TOP_K=k, OUT_GROUP=k, OUT_OFFSET=0,
-                    BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                fn = functools.partial(
+                    kernels._down_kernel[(k, triton.cdiv(H, bn))], h, w_down, experts, weights, out,
+                    K=I, N=H, TOP_K=k, OUT_GROUP=k, OUT_OFFSET=0, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                )
             ms = do_bench_cudagraph(fn, rep=100)
             print(f"{part} blocks {(bn, bk, warps)}: {1000 * ms:.1f} us, {gigabytes / ms * 1000:.0f} GB/s")
-    kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS = original
 
 
 def main() -> None:

@@ -476,21 +476,13 @@ def run_job(job: Job) -> Iterator[Chunk]:
                 max_new_tokens=s.max_new_tokens, do_sample=s.temperature > 0, temperature=s.temperature or 1.0,
                 top_p=s.top_p, no_repeat_ngram_size=10, stop_event=stop,
             )
-            decoder = eng.processor.stream_decoder()
-
-            def deltas() -> Iterator[str]:
-                for token in stream:
-                    if delta := decoder.push(token):
-                        yield delta
-                if tail := decoder.flush():
-                    yield tail
-
+            deltas = text_deltas(stream, eng.processor.stream_decoder())
             if job.voice and eng.speech is not None:
-                for event in eng.speech.stream(deltas(), thinker_states=stream.talker_condition, voice=job.voice,
+                for event in eng.speech.stream(deltas, thinker_states=stream.talker_condition, voice=job.voice,
                                                stop_event=stop):
                     yield Chunk(text=event.text_delta, audio=event.audio)
             else:
-                for delta in deltas():
+                for delta in deltas:
                     yield Chunk(text=delta)
             yield Chunk(segment_done=True, finish_reason=stream.finish_reason or "stopped")
     except torch.OutOfMemoryError:
@@ -499,6 +491,15 @@ def run_job(job: Job) -> Iterator[Chunk]:
         raise out_of_memory_error() from None
     finally:
         eng.active_jobs -= 1
+
+
+def text_deltas(tokens: Iterator[int], decoder) -> Iterator[str]:
+    """Token ids -> non-empty text deltas, never splitting a UTF-8 character."""
+    for token in tokens:
+        if delta := decoder.push(token):
+            yield delta
+    if tail := decoder.flush():
+        yield tail
 
 
 def out_of_memory_error() -> gr.Error:

@@ -290,7 +290,6 @@ def test_asr_transcribes_an_uploaded_wav_and_an_example(page):
     page.locator("#asr-audio input[type=file]").set_input_files(os.path.join(EXAMPLES, "audio", "fox_sentence.wav"))
     expect(page.locator("#asr-audio audio").first).to_be_attached()  # the upload has finished (Transcribe needs it)
     page.get_by_role("button", name="Transcribe", exact=True).click()
-    transcript = page.locator("#asr-transcript textarea")
     states = watch(textarea_text(page, "asr-transcript"), finished(page, "asr-transcript"))
     assert len(states) >= 2, f"the transcript should stream, saw {states!r}"
 
