@@ -493,12 +493,16 @@ def run_job(job: Job) -> Iterator[Chunk]:
         eng.active_jobs -= 1
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but tab and newline
+
+
 def text_deltas(tokens: Iterator[int], decoder) -> Iterator[str]:
-    """Token ids -> non-empty text deltas, never splitting a UTF-8 character."""
+    """Token ids -> non-empty text deltas, never splitting a UTF-8 character. Control characters (which the tiny
+    random model emits as raw byte tokens) are dropped: a browser shows them as boxes."""
     for token in tokens:
-        if delta := decoder.push(token):
+        if delta := CONTROL_CHARACTERS.sub("", decoder.push(token)):
             yield delta
-    if tail := decoder.flush():
+    if tail := CONTROL_CHARACTERS.sub("", decoder.flush()):
         yield tail
 
 

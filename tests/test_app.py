@@ -376,3 +376,16 @@ def test_a_checkpoint_without_talker_weights_loads_text_only(monkeypatch, tmp_pa
     text_only = engine.load(str(folder))
     assert text_only.speech is None and text_only.voices == []
     assert "Spoken replies are off" in text_only.notice
+
+
+def test_text_deltas_drop_control_characters_but_keep_newlines():
+    from ming.engine import text_deltas
+
+    class Decoder:
+        def push(self, token):
+            return {1: "a\x00b", 2: "\x07", 3: "c\nd\t"}[token]
+
+        def flush(self):
+            return "\x1b"
+
+    assert list(text_deltas(iter([1, 2, 3]), Decoder())) == ["ab", "c\nd\t"]
