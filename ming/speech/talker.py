@@ -32,7 +32,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import nn
 
-from ..llm import RMSNorm
+from ..llm import MLP, RMSNorm
 from ..loading import CheckpointError, checkpoint_files, materialize, params_on_meta
 
 WEIGHT_PREFIX = "talker."
@@ -187,24 +187,13 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(1, n, self.num_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: TalkerLMConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config: TalkerLMConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)  # Qwen2's SwiGLU is the LLM's
 
     def forward(self, x, cos, sin, keys, values, slots, mask) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, keys, values, slots, mask)
