@@ -40,7 +40,6 @@ class DecodeStep:
 
     def __init__(self, llm: BailingMoeForCausalLM, batch: int, cache_len: int, dtype, device, use_graph: bool):
         self.llm = llm
-        self.cache_len = cache_len
         self.caches = llm.new_caches(batch, cache_len, dtype, device)
         self.key_valid = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
@@ -178,7 +177,6 @@ class TokenStream:
         self.decoder = Decoder(model, input_ids, attention_mask, media, cfg)
         self.stop_event: threading.Event | None = stop_event
         self.talker_condition: torch.Tensor = self.decoder.prompt_states
-        self.prompt_length: int = input_ids.shape[1]
         self.finish_reason: str | None = None  # "eos" | "length" | "stopped"
 
     def __iter__(self) -> Iterator[int]:

@@ -57,7 +57,8 @@ def select_next_token(
 ) -> torch.Tensor:
     """logits [B, V] (float32) -> next token ids [B]. `guards`: one NgramGuard per row when the repetition guard
     is on."""
-    logits = logits.clone()
+    if guards:
+        logits = logits.clone()  # the bans below write in place; everything after makes new tensors
     for row, guard in enumerate(guards or []):
         banned = guard.banned()
         if banned:

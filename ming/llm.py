@@ -422,15 +422,3 @@ def expert_active_parameters(config: LLMConfig) -> int:
     gate = config.num_experts * H
     return config.num_hidden_layers * (attn + experts + shared + gate + 2 * H) + H
 
-
-__all__ = [
-    "BailingMoeForCausalLM",
-    "BailingMoeModel",
-    "KVCache",
-    "decode_mask",
-    "prefill_mask",
-    "expert_active_parameters",
-    "TEXT",
-    "IMAGE",
-    "AUDIO",
-]
