@@ -1,72 +1,150 @@
-"""Where a batch-1 decode step of the full-size model spends its GPU time (eager, one kernel per op).
+"""Where a batch-1 decode step of the full-size model spends its GPU time, and which kernel blocks are fastest.
 
     python -m bench.profile_decode
+
+1. Tunes the decode kernels on full-size shapes, each replayed from a CUDA graph (so launch cost is out): the two
+   MoE kernels per block shape, and the Triton GEMV against cuBLAS for the attention and head projections.
+2. Decode tokens/s of the CUDA-graph step, then a per-kernel profile of eager steps.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import os
+import statistics
+import time
 
 import torch
-import triton
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench import RELEASE_CONFIG, fill_random_, text_prompt
+from ming import kernels
 from ming.modeling import MingOmni
 
+BLOCK_CANDIDATES = [(8, 256, 4), (16, 256, 4), (16, 256, 8), (32, 256, 8), (32, 128, 4), (8, 512, 4), (16, 512, 8), (4, 512, 4), (8, 128, 2)]
 
-def tune_expert_kernels() -> None:
-    """Time the decode experts kernels (replayed from a CUDA graph, so launch cost is out) on full-size shapes for
-    a few block shapes, gate/up and down separately; prints the GB/s of weights read."""
+
+def bench_us(fn) -> float:
     from triton.testing import do_bench_cudagraph
 
-    from ming import kernels
-
-    E, I, H, k = 64, 1408, 2048, 6
-    w_gate, w_up = (torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    w_down = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
-    experts = torch.randperm(E, device="cuda")[:k]
-    weights = torch.full((k,), 1 / k, device="cuda")
-    h = torch.randn(k, I, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty(1, k, H, device="cuda")
-    candidates = [(8, 256, 2), (16, 256, 4), (32, 256, 8), (32, 128, 4), (64, 128, 8), (16, 512, 8), (64, 64, 4), (128, 64, 8)]
-    for part, gigabytes in (("gate_up", 2 * k * I * H * 2 / 1e9), ("down", k * I * H * 2 / 1e9)):
-        for bn, bk, warps in candidates:
-            if part == "gate_up":
-                fn = functools.partial(
-                    kernels._gate_up_kernel[(k, triton.cdiv(I, bn))], x, w_gate, w_up, experts, h,
-                    K=H, N=I, TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                )
-            else:
-                fn = functools.partial(
-                    kernels._down_kernel[(k, triton.cdiv(H, bn))], h, w_down, experts, weights, out,
-                    K=I, N=H, TOP_K=k, OUT_GROUP=k, OUT_OFFSET=0, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                )
-            ms = do_bench_cudagraph(fn, rep=100)
-            print(f"{part} blocks {(bn, bk, warps)}: {1000 * ms:.1f} us, {gigabytes / ms * 1000:.0f} GB/s")
+    return 1000 * do_bench_cudagraph(fn, rep=100)
 
 
-def main() -> None:
-    tune_expert_kernels()
+def tune_moe() -> None:
+    E, I, H, k, shared_I = 64, 1408, 2048, 6, 2816
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    w_gate, w_up = (torch.randn(E, I, H, **bf16) / 45 for _ in range(2))
+    w_down = torch.randn(E, H, I, **bf16) / 38
+    shared = (torch.randn(shared_I, H, **bf16) / 45, torch.randn(shared_I, H, **bf16) / 45, torch.randn(H, shared_I, **bf16) / 53)
+    x, residual = torch.randn(1, H, **bf16), torch.randn(1, H, **bf16)
+    logits = torch.randn(1, E, device="cuda")
+    gigabytes = 3 * (k * I + shared_I) * H * 2 / 1e9
+    default = kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS
+    for part in ("gate_up", "down"):
+        for blocks in BLOCK_CANDIDATES:
+            kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS = default
+            setattr(kernels, "GATE_UP_BLOCKS" if part == "gate_up" else "DOWN_BLOCKS", blocks)
+            us = bench_us(lambda: kernels.moe_gemv(x, logits, k, True, w_gate, w_up, w_down, shared, residual))
+            print(f"moe ({part} blocks {blocks}): {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
+    kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS = default
+
+
+def tune_gemv() -> None:
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    norm_weight = torch.ones(2048, **bf16)
+    x = torch.randn(1, 2048, **bf16)
+    for name, n, with_norm, out_dtype in (("qkv", 3072, True, None), ("dense", 2048, False, None), ("head", 126464, True, torch.float32)):
+        w = torch.randn(n, 2048, **bf16) / 45
+        gigabytes = w.numel() * 2 / 1e9
+
+        norm = (norm_weight, 1e-6) if with_norm else None
+
+        def torch_ops(w=w, norm=norm, out_dtype=out_dtype):
+            h = kernels.rms_norm(x, *norm) if norm else x
+            y = torch.nn.functional.linear(h, w)
+            return y.float() if out_dtype else y
+
+        us = bench_us(torch_ops)
+        print(f"{name} cuBLAS{' + norm' if with_norm else ''}: {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
+        for blocks in BLOCK_CANDIDATES:
+            us = bench_us(functools.partial(kernels.gemv, x, w, norm, out_dtype, blocks))
+            print(f"{name} triton gemv {blocks}: {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
+
+
+def tune_attention() -> None:
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    qkv = torch.randn(1, 1, 24, 128, **bf16)
+    k_cache, v_cache = torch.randn(2, 1, 4, 2048, 128, **bf16)
+    valid = torch.zeros(1, 2048, dtype=torch.bool, device="cuda")
+    valid[:, :1300] = True
+    default = kernels.DECODE_ATTENTION_CHUNK
+    for chunk in (32, 64, 128, 256):
+        kernels.DECODE_ATTENTION_CHUNK = chunk
+        us = bench_us(lambda: kernels.decode_attention(qkv, k_cache, v_cache, valid, 16))
+        print(f"decode attention, 1,300 of 2,048 keys, chunk {chunk}: {us:.1f} us")
+    kernels.DECODE_ATTENTION_CHUNK = default
+
+
+def decode_rate_with(model: MingOmni, **settings) -> float:
+    """Median decode tok/s (3 runs after a warm-up) with some kernel settings (ming.kernels attributes) changed."""
+    saved = {name: getattr(kernels, name) for name in settings}
+    for name, value in settings.items():
+        setattr(kernels, name, value)
+    model.__dict__.pop("_decode_steps", None)  # re-capture the graphs with these settings
+    decode_rate(model)
+    rates = [decode_rate(model) for _ in range(3)]
+    for name, value in saved.items():
+        setattr(kernels, name, value)
+    model.__dict__.pop("_decode_steps", None)
+    rate = statistics.median(rates)
+    print(f"decode (CUDA graph) {settings or 'defaults'}: {rate:.1f} tok/s (runs: {', '.join(f'{r:.1f}' for r in rates)})")
+    return rate
+
+
+def decode_rate(model: MingOmni, tokens: int = 256) -> float:
+    stream = model.generate_stream(input_ids=text_prompt(1024), max_new_tokens=tokens + 1)
+    next(stream)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = sum(1 for _ in stream)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def profile_eager_steps(model: MingOmni, steps: int = 10) -> None:
     os.environ["MING_CUDA_GRAPHS"] = "0"
-    model = MingOmni.from_config(RELEASE_CONFIG, device="cuda", dtype=torch.bfloat16)
-    fill_random_(model)
     stream = model.generate_stream(input_ids=text_prompt(1024), max_new_tokens=64)
     for _ in range(8):
         next(stream)
-    steps = 10
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             next(stream)
         torch.cuda.synchronize()
+    os.environ.pop("MING_CUDA_GRAPHS")
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.self_device_time_total for e in events)
-    kernels = sum(e.count for e in events)
-    print(f"per step: {total / steps / 1000:.2f} ms of GPU time in {kernels / steps:.0f} kernels")
+    count = sum(e.count for e in events)
+    print(f"per step: {total / steps / 1000:.2f} ms of GPU time in {count / steps:.0f} kernels")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
         print(f"{e.self_device_time_total / steps / 1000:8.3f} ms {e.count // steps:5d}x  {e.key[:110]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--try", dest="variants", action="append", default=[], metavar="JSON",
+                        help='kernel settings to time end to end besides the defaults, e.g. {"DOWN_BLOCKS": [8, 256, 4]}')
+    args = parser.parse_args()
+    tune_moe()
+    tune_gemv()
+    tune_attention()
+    model = MingOmni.from_config(RELEASE_CONFIG, device="cuda", dtype=torch.bfloat16)
+    fill_random_(model)
+    decode_rate_with(model)
+    for variant in args.variants:
+        decode_rate_with(model, **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(variant).items()})
+    profile_eager_steps(model)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,10 @@ class DecodeStep:
         self.key_valid.index_fill_(1, self.index, True)
         embeds = self.llm.model.word_embeddings(self.token[:, None])
         hidden = self.llm.model(
-            embeds, self.position[:, None], decode_mask(self.key_valid), None, self.caches, self.index
+            embeds, self.position[:, None], decode_mask(self.key_valid), None, self.caches, self.index,
+            final_norm=False,
         )
-        return self.llm.logits(hidden[:, -1])
+        return self.llm.logits(hidden[:, -1], norm=self.llm.model.norm)
 
     def _capture(self) -> None:
         self.llm.normalize_head_()  # mutates the weight: never inside a capture

@@ -21,139 +21,202 @@ import triton.language as tl
 
 
 @triton.jit
-def _gate_up_kernel(
-    x_ptr, w_gate_ptr, w_up_ptr, expert_ptr, out_ptr,
-    K: tl.constexpr, N: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pair = tl.program_id(0)  # (token, slot) pair: token = pair // TOP_K
-    block = tl.program_id(1)
-    expert = tl.load(expert_ptr + pair).to(tl.int64)
-    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+def _top_k_expert(remaining, cols):
+    """The best expert left in `remaining` (routing weights, -1 where taken): (expert, weight, remaining)."""
+    expert = tl.argmax(remaining, axis=0)
+    weight = tl.max(remaining, axis=0)
+    return expert, weight, tl.where(cols == expert, -1.0, remaining)
+
+
+@triton.jit
+def _routing_weights(logits_row, E: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
+    """Float32 softmax over a token's E gate logits; the top-k kept (renormalised when RENORM), others -1.
+
+    Every program of the expert kernels recomputes this from the 64 logits: cheaper than a kernel launch."""
+    cols = tl.arange(0, E)
+    logits = tl.load(logits_row + cols).to(tl.float32)
+    probs = tl.exp(logits - tl.max(logits, axis=0))
+    probs = probs / tl.sum(probs, axis=0)
+    remaining = probs
+    for _ in tl.static_range(TOP_K):
+        _, _, remaining = _top_k_expert(remaining, cols)
+    kept = tl.where(remaining < 0, probs, 0.0)
+    if RENORM:
+        kept = kept / tl.sum(kept, axis=0)
+    return tl.where(kept > 0, kept, -1.0), cols
+
+
+@triton.jit
+def _swiglu_rows(x_row, gate_ptr, up_ptr, rows, K: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """silu(gate @ x) * (up @ x) for `rows` of one expert's [N, K] gate/up weights, each projection rounded to
+    `dtype` first (as separate linear layers would)."""
     row_ok = rows < N
     # Accumulate elementwise and reduce once at the end: a reduction per tile would stall the loads.
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    x_row = x_ptr + (pair // TOP_K) * K
-    w_offset = expert * N * K + rows[:, None] * K
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+        offsets = rows[:, None] * K + cols[None, :]
         m = row_ok[:, None] & col_ok[None, :]
-        wg = tl.load(w_gate_ptr + w_offset + cols[None, :], mask=m, other=0.0)
-        wu = tl.load(w_up_ptr + w_offset + cols[None, :], mask=m, other=0.0)
-        acc_gate += wg.to(tl.float32) * x[None, :]
-        acc_up += wu.to(tl.float32) * x[None, :]
-    # Round each projection to the weight dtype before the activation, as separate linear layers would.
-    gate = tl.sum(acc_gate, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
-    up = tl.sum(acc_up, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
-    h = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(out_ptr + pair * N + rows, h.to(out_ptr.dtype.element_ty), mask=row_ok)
+        acc_gate += tl.load(gate_ptr + offsets, mask=m, other=0.0).to(tl.float32) * x[None, :]
+        acc_up += tl.load(up_ptr + offsets, mask=m, other=0.0).to(tl.float32) * x[None, :]
+    gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
+    up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+    return gate / (1.0 + tl.exp(-gate)) * up
 
 
 @triton.jit
-def _down_kernel(
-    h_ptr, w_down_ptr, expert_ptr, weight_ptr, out_ptr,
-    K: tl.constexpr, N: tl.constexpr, TOP_K: tl.constexpr, OUT_GROUP: tl.constexpr, OUT_OFFSET: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _moe_gate_up_kernel(
+    x_ptr, logits_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
+    H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr,
+    RENORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pair = tl.program_id(0)
-    block = tl.program_id(1)
-    expert = tl.load(expert_ptr + pair).to(tl.int64)
-    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    token = tl.program_id(0)
+    block = tl.program_id(1)  # TOP_K slots of I // BLOCK_N blocks each, then the shared expert's blocks
+    SLOT_BLOCKS: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
+    x_row = x_ptr + token * H
+    h_row = h_ptr + token * (TOP_K * I + I_SHARED)
+    dtype = h_ptr.dtype.element_ty
+    if block < TOP_K * SLOT_BLOCKS:
+        slot = block // SLOT_BLOCKS
+        remaining, cols = _routing_weights(logits_ptr + token * E, E, TOP_K, RENORM)
+        expert = 0
+        for j in tl.static_range(TOP_K):
+            best, _, remaining = _top_k_expert(remaining, cols)
+            expert = tl.where(j == slot, best, expert)
+        rows = (block % SLOT_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        base = expert.to(tl.int64) * I * H
+        h = _swiglu_rows(x_row, w_gate_ptr + base, w_up_ptr + base, rows, H, I, BLOCK_N, BLOCK_K, dtype)
+        tl.store(h_row + slot * I + rows, h.to(dtype), mask=rows < I)
+    else:
+        rows = (block - TOP_K * SLOT_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        h = _swiglu_rows(x_row, s_gate_ptr, s_up_ptr, rows, H, I_SHARED, BLOCK_N, BLOCK_K, dtype)
+        tl.store(h_row + TOP_K * I + rows, h.to(dtype), mask=rows < I_SHARED)
+
+
+@triton.jit
+def _down_rows(h_row, w_ptr, rows, K: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               dtype: tl.constexpr):
+    """`rows` of one expert's down projection [N, K] applied to h, rounded to `dtype`, returned in float32."""
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    w_offset = expert * N * K + rows[:, None] * K
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        h = tl.load(h_ptr + pair * K + cols, mask=col_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_down_ptr + w_offset + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        h = tl.load(h_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * h[None, :]
-    y = tl.sum(acc, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32) * tl.load(weight_ptr + pair)
-    out_row = (pair // TOP_K) * OUT_GROUP + OUT_OFFSET + pair % TOP_K
-    tl.store(out_ptr + out_row * N + rows, y, mask=row_ok)
+    return tl.sum(acc, axis=1).to(dtype).to(tl.float32)
 
 
-# (BLOCK_N, BLOCK_K, num_warps), picked with bench/profile_decode.py on an H100: wide blocks when there are several
-# (token, expert) pairs, narrow ones for a single pair (the shared expert) so that it still fills every SM.
-GATE_UP_BLOCKS = (32, 256, 8)
-DOWN_BLOCKS = (32, 256, 8)
-SINGLE_PAIR_BLOCKS = (8, 256, 2)
-
-
-def _experts_gemv(x, experts, weights, w_gate, w_up, w_down, out, top_k: int, out_offset: int) -> None:
-    """Run the pairs (token, expert) through gate/up -> SiLU-gate -> down, writing router-weighted rows of `out`."""
-    pairs, hidden = experts.numel(), x.shape[1]
-    inter = w_gate.shape[1]
-    h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
-    bn, bk, warps = GATE_UP_BLOCKS if pairs > 1 else SINGLE_PAIR_BLOCKS
-    _gate_up_kernel[(pairs, triton.cdiv(inter, bn))](
-        x, w_gate, w_up, experts, h, K=hidden, N=inter, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps
-    )
-    bn, bk, warps = DOWN_BLOCKS if pairs > 1 else SINGLE_PAIR_BLOCKS
-    _down_kernel[(pairs, triton.cdiv(hidden, bn))](
-        h, w_down, experts, weights, out, K=inter, N=hidden, TOP_K=top_k, OUT_GROUP=out.shape[1],
-        OUT_OFFSET=out_offset, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )
+@triton.jit
+def _moe_down_kernel(
+    h_ptr, logits_ptr, w_down_ptr, s_down_ptr, residual_ptr, partial_ptr, ticket_ptr, out_ptr,
+    H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr,
+    RENORM: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    token = tl.program_id(0)
+    block = tl.program_id(1)
+    slot = tl.program_id(2)  # one of the chosen experts, or (slot == TOP_K) the shared expert
+    SLOTS: tl.constexpr = TOP_K + HAS_SHARED
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < H
+    h_row = h_ptr + token * (TOP_K * I + I_SHARED)
+    dtype = out_ptr.dtype.element_ty
+    if slot < TOP_K:
+        remaining, cols = _routing_weights(logits_ptr + token * E, E, TOP_K, RENORM)
+        expert, weight = 0, 0.0
+        for j in tl.static_range(TOP_K):
+            best, p, remaining = _top_k_expert(remaining, cols)
+            expert, weight = tl.where(j == slot, best, expert), tl.where(j == slot, p, weight)
+        w_ptr = w_down_ptr + expert.to(tl.int64) * H * I
+        y = _down_rows(h_row + slot * I, w_ptr, rows, I, H, BLOCK_N, BLOCK_K, dtype) * weight
+    else:
+        y = _down_rows(h_row + TOP_K * I, s_down_ptr, rows, I_SHARED, H, BLOCK_N, BLOCK_K, dtype)
+    partial_rows = partial_ptr + (token * SLOTS) * H + rows
+    tl.store(partial_rows + slot * H, y, mask=row_ok)
+    # The last of the SLOTS programs on these rows (whichever it is) sums all the partials, always in slot order
+    # so the result is deterministic, and resets the ticket for the next launch. This keeps the split over
+    # experts (enough programs to fill the GPU) without a separate combine kernel.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + token * tl.num_programs(1) + block, 1, sem="acq_rel")
+    if ticket == SLOTS - 1:
+        # The experts' outputs, each rounded and router-weighted, are summed in float32 (as the release does).
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s in tl.static_range(TOP_K):
+            total += tl.load(partial_rows + s * H, mask=row_ok, other=0.0, cache_modifier=".cg")
+        out = total.to(dtype)
+        if HAS_SHARED:
+            out = out + tl.load(partial_rows + TOP_K * H, mask=row_ok, other=0.0, cache_modifier=".cg").to(dtype)
+        if HAS_RESIDUAL:
+            out = out + tl.load(residual_ptr + token * H + rows, mask=row_ok, other=0.0)
+        tl.store(out_ptr + token * H + rows, out, mask=row_ok)
+        tl.atomic_xchg(ticket_ptr + token * tl.num_programs(1) + block, 0)
 
 
 @functools.cache
-def _shared_expert_routing(tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared expert as "expert 0 of a one-expert stack, weight 1" for every token (made once, not per step)."""
-    return (
-        torch.zeros(tokens, dtype=torch.long, device=device),
-        torch.ones(tokens, dtype=torch.float32, device=device),
-    )
+def _tickets(device: torch.device, stream: int) -> torch.Tensor:
+    """Zeroed counters for the down kernel's last-program reduction; each launch leaves them zero again. One set
+    per CUDA stream, so that launches on different streams never share one."""
+    return torch.zeros(4096, dtype=torch.int32, device=device)
+
+
+# (BLOCK_N, BLOCK_K, num_warps), picked with bench/profile_decode.py on an H100.
+GATE_UP_BLOCKS = (32, 256, 8)
+DOWN_BLOCKS = (16, 256, 8)
 
 
 def moe_gemv(
     x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weight: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [T, H]; topk [T, k]; stacked weights gate/up [E, I, H], down [E, H, I]; optional shared expert weights
-    (gate, up [I_s, H], down [H, I_s]) -> [T, H] in x's dtype, plus `residual` [T, H] if given.
+    """The MoE block for a few tokens in two kernels, reading only the chosen experts' weights.
 
-    The expert outputs of a token (and the shared expert's) are summed in float32 with the router weights, then
-    rounded and added to the residual in the same kernel."""
+    x [T, H]; router_logits [T, E]; stacked weights gate/up [E, I, H], down [E, H, I]; optional shared expert
+    (gate, up [I_s, H], down [H, I_s]). Returns [T, H] in x's dtype, plus `residual` [T, H] if given.
+
+    Each kernel picks the top-k experts from the logits itself (float32 softmax, optionally renormalised), so there
+    is no routing kernel, sort or host sync; the first runs gate/up/SiLU for every chosen expert and the shared one,
+    the second the down projections, the weighted sum, the shared expert's output and the residual add."""
     T, H = x.shape
-    top_k = topk_idx.shape[1]
+    E, I = w_gate.shape[0], w_gate.shape[1]
+    i_shared = shared[0].shape[0] if shared is not None else 0
+    s_gate, s_up, s_down = shared if shared is not None else (w_gate, w_up, w_down)
     x = x.contiguous()
-    out = torch.empty(T, top_k + (shared is not None), H, dtype=torch.float32, device=x.device)
-    experts = topk_idx.reshape(-1).contiguous()
-    _experts_gemv(x, experts, topk_weight.reshape(-1).float().contiguous(), w_gate, w_up, w_down, out, top_k, 0)
-    if shared is not None:
-        gate, up, down = (w[None] for w in shared)
-        expert_zero, weight_one = _shared_expert_routing(T, x.device)
-        _experts_gemv(x, expert_zero, weight_one, gate, up, down, out, 1, top_k)
-    result = torch.empty_like(x)
-    _combine_kernel[(T,)](
-        out, residual.reshape(T, H).contiguous() if residual is not None else x, result, SLOTS=out.shape[1], N=H,
-        BLOCK=triton.next_power_of_2(H), HAS_RESIDUAL=residual is not None, num_warps=4,
+    logits = router_logits.contiguous()
+    h = torch.empty(T, top_k * I + i_shared, dtype=x.dtype, device=x.device)
+    bn, bk, warps = GATE_UP_BLOCKS
+    bn, bk = min(bn, triton.next_power_of_2(I)), min(bk, triton.next_power_of_2(H))
+    blocks = top_k * triton.cdiv(I, bn) + triton.cdiv(i_shared, bn)
+    _moe_gate_up_kernel[(T, blocks)](
+        x, logits, w_gate, w_up, s_gate, s_up, h, H=H, I=I, I_SHARED=i_shared, E=E, TOP_K=top_k,
+        RENORM=renormalize, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )
-    return result
-
-
-@triton.jit
-def _combine_kernel(parts_ptr, residual_ptr, out_ptr, SLOTS: tl.constexpr, N: tl.constexpr, BLOCK: tl.constexpr,
-                    HAS_RESIDUAL: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < N
-    total = tl.zeros([BLOCK], tl.float32)
-    for s in tl.static_range(SLOTS):
-        total += tl.load(parts_ptr + (row * SLOTS + s) * N + cols, mask=ok, other=0.0)
-    y = total.to(out_ptr.dtype.element_ty)
-    if HAS_RESIDUAL:
-        y = y + tl.load(residual_ptr + row * N + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + row * N + cols, y, mask=ok)
+    out = torch.empty_like(x)
+    bn, bk, warps = DOWN_BLOCKS
+    bn, bk = min(bn, triton.next_power_of_2(H)), min(bk, triton.next_power_of_2(I))
+    slots = top_k + (shared is not None)
+    partial = torch.empty(T, slots, H, dtype=torch.float32, device=x.device)
+    tickets = _tickets(x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
+    if T * triton.cdiv(H, bn) > tickets.numel():
+        raise ValueError(f"moe_gemv is for a few tokens at a time, got {T}")
+    _moe_down_kernel[(T, triton.cdiv(H, bn), slots)](
+        h, logits, w_down, s_down, residual.reshape(T, H).contiguous() if residual is not None else x, partial,
+        tickets, out, H=H, I=I, I_SHARED=i_shared, E=E, TOP_K=top_k, RENORM=renormalize,
+        HAS_SHARED=shared is not None, HAS_RESIDUAL=residual is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )
+    return out
 
 
 @triton.jit
@@ -189,6 +252,102 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
     if delta is not None:
         return total.view(shape), out.view(shape)
     return out.view(shape)
+
+
+@triton.jit
+def _add_norm_router_kernel(
+    x_ptr, delta_ptr, norm_weight_ptr, router_ptr, sum_ptr, normed_ptr, logits_ptr, eps,
+    H: tl.constexpr, E: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0)
+    part = tl.program_id(1)  # which ROWS of the router's E rows this program scores
+    cols = tl.arange(0, BLOCK_H)
+    ok = cols < H
+    # Every program recomputes the (cheap, 2*H-element) add and norm so that none waits for another.
+    x = tl.load(x_ptr + token * H + cols, mask=ok, other=0.0) + tl.load(delta_ptr + token * H + cols, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    dtype = normed_ptr.dtype.element_ty
+    w = tl.load(norm_weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    normed = (w * (xf * rstd).to(dtype).to(tl.float32)).to(dtype)
+    if part == 0:
+        tl.store(sum_ptr + token * H + cols, x, mask=ok)
+        tl.store(normed_ptr + token * H + cols, normed, mask=ok)
+    rows = part * ROWS + tl.arange(0, ROWS)
+    gate = tl.load(router_ptr + rows[:, None] * H + cols[None, :], mask=(rows < E)[:, None] & ok[None, :], other=0.0)
+    logits = tl.sum(gate.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1).to(dtype)
+    tl.store(logits_ptr + token * E + rows, logits.to(tl.float32), mask=rows < E)
+
+
+def add_norm_router(
+    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, router_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, delta [T, H] -> (x + delta, RMSNorm(x + delta), router logits [T, E] float32) in one kernel: the
+    residual add after attention, the MoE's input norm and its gate (logits rounded to x's dtype, as a linear
+    layer's would be)."""
+    T, H = x.shape
+    E = router_weight.shape[0]
+    total, normed = torch.empty_like(x), torch.empty_like(x)
+    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    rows = 4
+    _add_norm_router_kernel[(T, triton.cdiv(E, rows))](
+        x.contiguous(), delta.contiguous(), norm_weight, router_weight, total, normed, logits, eps,
+        H=H, E=E, ROWS=rows, BLOCK_H=triton.next_power_of_2(H), num_warps=4,
+    )
+    return total, normed, logits
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, norm_weight_ptr, w_ptr, out_ptr, eps,
+    K: tl.constexpr, N: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_ROW: tl.constexpr,
+):
+    token = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    x_row = x_ptr + token * K
+    dtype = w_ptr.dtype.element_ty
+    if NORM:  # each program normalises the (short) input row itself rather than waiting on a norm kernel
+        full = tl.arange(0, BLOCK_ROW)
+        xf = tl.load(x_row + full, mask=full < K, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORM:
+            scale = tl.load(norm_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x = (scale * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1).to(dtype)  # rounded like a linear layer's output, even when stored as float32
+    tl.store(out_ptr + token * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+GEMV_BLOCKS = (16, 256, 4)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm: tuple[torch.Tensor, float] | None = None,
+    out_dtype: torch.dtype | None = None,
+    blocks: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """x [T, K] @ weight[N, K].T for a few rows T; with `norm` (weight, eps), RMSNorm(x) @ weight.T in the same
+    kernel. The output is rounded to the weight's dtype and stored as `out_dtype` (default x's)."""
+    T, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty(T, N, dtype=out_dtype or x.dtype, device=x.device)
+    bn, bk, warps = blocks or GEMV_BLOCKS
+    norm_weight, eps = norm if norm is not None else (weight, 0.0)
+    _gemv_kernel[(T, triton.cdiv(N, bn))](
+        x.contiguous(), norm_weight, weight, out, eps, K=K, N=N, NORM=norm is not None, BLOCK_N=bn,
+        BLOCK_K=min(bk, triton.next_power_of_2(K)), BLOCK_ROW=triton.next_power_of_2(K), num_warps=warps,
+    )
+    return out
 
 
 @triton.jit
@@ -307,6 +466,9 @@ def _decode_attention_combine(
     tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < group)[:, None])
 
 
+DECODE_ATTENTION_CHUNK = 256  # keys per program; picked with bench/profile_decode.py
+
+
 def decode_attention(
     qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
@@ -316,9 +478,9 @@ def decode_attention(
     Returns [B, num_heads, D]. Chunks past the sequence's end are skipped, so a large cache bucket costs nothing."""
     B, _, heads, D = qkv.shape
     kv_heads, S = k_cache.shape[1], k_cache.shape[2]
-    chunk = min(256, S)
+    chunk = min(DECODE_ATTENTION_CHUNK, S)
     if S % chunk or chunk & (chunk - 1):
-        raise ValueError(f"decode_attention needs a power-of-two cache length (or a multiple of 256), got {S}")
+        raise ValueError(f"decode_attention needs a power-of-two cache length (or a multiple of {chunk}), got {S}")
     num_chunks = S // chunk
     group_pad = max(16, triton.next_power_of_2(num_heads // kv_heads))
     acc = torch.empty(B * kv_heads * num_chunks * group_pad, D, dtype=torch.float32, device=qkv.device)

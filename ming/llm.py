@@ -95,15 +95,21 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
+        input_norm: RMSNorm | None = None,
     ) -> torch.Tensor:
         """mask: boolean, True where a query may attend; None means plain causal attention (lets SDPA pick its
-        flash kernel).
+        flash kernel). `input_norm` (the layer's pre-norm) is applied to x first: at decode it runs inside the QKV
+        projection's kernel.
 
         With a cache, the new keys are first written at `cache_position`. A multi-token input is a prefill from
         cache index 0 and attends over its own keys ([B, 1, L, L] mask); a one-token input is a decode step and
         attends over the whole cache ([B, 1, 1, S] mask, S = cache length)."""
         B, L, _ = x.shape
-        qkv = self.query_key_value(x).view(B, L, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        if input_norm is not None and decode_gemv(x, self.query_key_value):
+            qkv = kernels.gemv(x.reshape(B * L, -1), self.query_key_value.weight, (input_norm.weight, input_norm.eps))
+        else:
+            qkv = self.query_key_value(x if input_norm is None else input_norm(x))
+        qkv = qkv.view(B, L, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         split = [self.num_heads, self.num_kv_heads, self.num_kv_heads]
         if use_triton(x):
             # One kernel rotates q/k in place and writes k/v into the cache; decode then attends in two more.
@@ -111,6 +117,8 @@ class Attention(nn.Module):
             kernels.rope_(qkv, *rope, self.num_heads, self.num_kv_heads, kv_cache, cache_position)
             if cache is not None and L == 1:
                 out = kernels.decode_attention(qkv, cache.k, cache.v, mask.reshape(B, -1), self.num_heads)
+                if decode_gemv(out, self.dense):
+                    return kernels.gemv(out.reshape(B, -1), self.dense.weight).view(B, 1, -1)
                 return self.dense(out.reshape(B, 1, -1))
             q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
         else:
@@ -244,6 +252,12 @@ class Experts(nn.Module):
         return out.to(x.dtype)
 
 
+def decode_gemv(x: torch.Tensor, linear: nn.Linear) -> bool:
+    """Whether `linear` on x (a few tokens) runs as a Triton GEMV: faster than cuBLAS at batch 1 and lets the
+    preceding RMSNorm run inside it."""
+    return use_triton(x) and linear.bias is None and x.numel() // x.shape[-1] <= 16
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """The fused GPU kernels of ming/kernels.py serve the same bf16 Hopper path as the grouped GEMMs."""
     return kernels is not None and use_grouped_mm(x)
@@ -275,42 +289,55 @@ class SparseMoeBlock(nn.Module):
             else None
         )
 
-    def route(self, x: torch.Tensor, router_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H], router_ids [T] (TEXT/IMAGE/AUDIO) -> (topk_idx, topk_weight) [T, k].
+    def router_logits(self, x: torch.Tensor, router_ids: torch.Tensor | None) -> torch.Tensor:
+        """x [T, H], router_ids [T] (TEXT/IMAGE/AUDIO) or None (all text) -> gate logits [T, E].
 
         Each token is scored only by its own modality's gate; the result equals computing all three gates and
         selecting per token, as the release does."""
         if router_ids is None or not bool((router_ids != TEXT).any()):
-            logits = self.gate.logits(x)
-        else:
-            logits = x.new_empty(x.shape[0], self.gate.weight.shape[0])
-            for modality, gate in ((TEXT, self.gate), (IMAGE, self.image_gate), (AUDIO, self.audio_gate)):
-                rows = (router_ids == modality).nonzero().squeeze(-1)
-                if rows.numel():
-                    logits[rows] = gate.logits(x[rows])
-        if use_triton(x):
-            return kernels.route_topk(logits, self.top_k, self.top_k > 1 and self.norm_topk_prob)
+            return self.gate.logits(x)
+        logits = x.new_empty(x.shape[0], self.gate.weight.shape[0])
+        for modality, gate in ((TEXT, self.gate), (IMAGE, self.image_gate), (AUDIO, self.audio_gate)):
+            rows = (router_ids == modality).nonzero().squeeze(-1)
+            if rows.numel():
+                logits[rows] = gate.logits(x[rows])
+        return logits
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate logits [T, E] -> (topk_idx, topk_weight) [T, k]: float32 softmax, top-k, renormalised."""
+        renormalize = self.top_k > 1 and self.norm_topk_prob
+        if use_triton(logits):
+            return kernels.route_topk(logits, self.top_k, renormalize)
         scores = logits.softmax(dim=-1, dtype=torch.float32)
         topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if renormalize:
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         return topk_idx, topk_weight
 
     def forward(
-        self, x: torch.Tensor, router_ids: torch.Tensor | None, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        router_ids: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
+        router_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The MoE output for x [B, L, H], plus `residual` when given (fused into the last kernel on the GPU)."""
+        """The MoE output for x [B, L, H], plus `residual` when given (fused into the last kernel on the GPU).
+        `router_logits` [B*L, E], when the caller already has them (the fused decode norm), skip the gate."""
         B, L, H = x.shape
         flat = x.reshape(-1, H)
-        topk_idx, topk_weight = self.route(flat, None if router_ids is None else router_ids.reshape(-1))
+        if router_logits is None:
+            router_logits = self.router_logits(flat, None if router_ids is None else router_ids.reshape(-1))
         if use_triton(x) and B * L * self.top_k <= 64:
-            # Decode: read only the chosen experts' rows, the shared expert through the same kernels.
-            e, shared = self.experts, self.shared_experts
+            # Decode: two kernels that read only the chosen experts' rows, the shared expert's alongside.
+            shared = self.shared_experts
             shared_weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+            e = self.experts
             y = kernels.moe_gemv(
-                flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights, residual
+                flat, router_logits, self.top_k, self.top_k > 1 and self.norm_topk_prob,
+                e.gate_proj, e.up_proj, e.down_proj, shared_weights, None if residual is None else residual.reshape(-1, H),
             )
             return y.view(B, L, H)
+        topk_idx, topk_weight = self.route(router_logits)
         y = self.experts(flat, topk_idx, topk_weight).view(B, L, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -329,11 +356,20 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoeBlock(config)
 
     def forward(self, x, rope, mask, router_ids, cache=None, cache_position=None) -> torch.Tensor:
-        attention = self.attention(self.input_layernorm(x), rope, mask, cache, cache_position)
-        x, h = self.post_attention_layernorm.add_and_norm(x, attention)
-        if isinstance(self.mlp, SparseMoeBlock):
-            return self.mlp(h, router_ids, residual=x)
-        return x + self.mlp(h)
+        attention = self.attention(x, rope, mask, cache, cache_position, input_norm=self.input_layernorm)
+        norm = self.post_attention_layernorm
+        if not isinstance(self.mlp, SparseMoeBlock):
+            x, h = norm.add_and_norm(x, attention)
+            return x + self.mlp(h)
+        if use_triton(x) and router_ids is None and x.shape[0] * x.shape[1] <= 16:
+            # Decode: the residual add, the norm and the (text) gate in one kernel.
+            B, L, H = x.shape
+            x, h, logits = kernels.add_norm_router(
+                x.reshape(-1, H), attention.reshape(-1, H), norm.weight, norm.eps, self.mlp.gate.weight
+            )
+            return self.mlp(h.view(B, L, H), router_ids, residual=x.view(B, L, H), router_logits=logits)
+        x, h = norm.add_and_norm(x, attention)
+        return self.mlp(h, router_ids, residual=x)
 
 
 class BailingMoeModel(nn.Module):
@@ -352,13 +388,15 @@ class BailingMoeModel(nn.Module):
         router_ids: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         cache_position: torch.Tensor | None = None,
+        final_norm: bool = True,
     ) -> torch.Tensor:
-        """Returns the final-norm hidden states [B, L, H]."""
+        """Returns the final-norm hidden states [B, L, H] (without the final norm if `final_norm` is False: the
+        decode step fuses it into the output head)."""
         rope = rope_cos_sin(position_ids, self.config.attention_head_dim, self.config.rope_theta)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, router_ids, None if caches is None else caches[i], cache_position)
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
 
 class BailingMoeForCausalLM(nn.Module):
@@ -382,9 +420,13 @@ class BailingMoeForCausalLM(nn.Module):
         w.copy_(w_float / (w_float.norm(p=2, dim=0, keepdim=True) + 1e-7))
         self.head_is_normalized = True
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Float32 logits of hidden [..., H] (rounded to the weight dtype first, as the release's head); `norm`,
+        if given, is applied to hidden first (fused into the head's kernel at decode)."""
         self.normalize_head_()
-        return self.lm_head(hidden).float()
+        if norm is not None and decode_gemv(hidden, self.lm_head):
+            return kernels.gemv(hidden, self.lm_head.weight, (norm.weight, norm.eps), out_dtype=torch.float32)
+        return self.lm_head(hidden if norm is None else norm(hidden)).float()
 
     def new_caches(self, batch: int, max_len: int, dtype, device) -> list[KVCache]:
         c = self.config

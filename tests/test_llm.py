@@ -38,7 +38,7 @@ def test_stacked_experts_equal_per_expert_swiglu():
     llm = tiny_llm()
     block: SparseMoeBlock = llm.model.layers[0].mlp
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
-    idx, w = block.route(x, None)
+    idx, w = block.route(block.router_logits(x, None))
     got = block.experts(x, idx, w)
     state = llm.state_dict()
     want = torch.zeros_like(x)
@@ -57,7 +57,7 @@ def test_each_token_uses_its_modality_gate():
     block: SparseMoeBlock = llm.model.layers[0].mlp
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
     router_ids = torch.tensor([TEXT, IMAGE, IMAGE, AUDIO, TEXT, AUDIO])
-    idx, _ = block.route(x, router_ids)
+    idx, _ = block.route(block.router_logits(x, router_ids))
     for t, gate in enumerate([block.gate, block.image_gate, block.image_gate, block.audio_gate, block.gate, block.audio_gate]):
         scores = gate.logits(x[t : t + 1]).softmax(-1)
         assert set(scores.topk(3).indices[0].tolist()) == set(idx[t].tolist())
