@@ -98,34 +98,34 @@ def _moe_gate_up_kernel(
 
 
 @triton.jit
-def _down_rows(h_row, w_ptr, rows, K: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               dtype: tl.constexpr):
-    """`rows` of one expert's down projection [N, K] applied to h, rounded to `dtype`, returned in float32."""
+def _down_rows(h_row, w_ptr, rows, K: tl.constexpr, N: tl.constexpr, STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """`rows` of K columns of a down projection (row stride STRIDE) applied to h [K]: float32 [BLOCK_N]."""
     row_ok = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         h = tl.load(h_row + cols, mask=col_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * STRIDE + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * h[None, :]
-    return tl.sum(acc, axis=1).to(dtype).to(tl.float32)
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
 def _moe_down_kernel(
     h_ptr, logits_ptr, w_down_ptr, s_down_ptr, residual_ptr, partial_ptr, ticket_ptr, out_ptr,
     H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr,
-    RENORM: tl.constexpr, HAS_SHARED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RENORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     token = tl.program_id(0)
     block = tl.program_id(1)
-    slot = tl.program_id(2)  # one of the chosen experts, or (slot == TOP_K) the shared expert
-    SLOTS: tl.constexpr = TOP_K + HAS_SHARED
+    # One slot per chosen expert, then the shared expert cut into I-column pieces: every program reads as much.
+    slot = tl.program_id(2)
+    SLOTS: tl.constexpr = TOP_K + I_SHARED // I
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
-    h_row = h_ptr + token * (TOP_K * I + I_SHARED)
+    h_row = h_ptr + token * (TOP_K * I + I_SHARED) + slot * I
     dtype = out_ptr.dtype.element_ty
     if slot < TOP_K:
         remaining, cols = _routing_weights(logits_ptr + token * E, E, TOP_K, RENORM)
@@ -134,9 +134,10 @@ def _moe_down_kernel(
             best, p, remaining = _top_k_expert(remaining, cols)
             expert, weight = tl.where(j == slot, best, expert), tl.where(j == slot, p, weight)
         w_ptr = w_down_ptr + expert.to(tl.int64) * H * I
-        y = _down_rows(h_row + slot * I, w_ptr, rows, I, H, BLOCK_N, BLOCK_K, dtype) * weight
+        # Each expert's output is rounded (as its own linear layer would be) before the router weight.
+        y = _down_rows(h_row, w_ptr, rows, I, H, I, BLOCK_N, BLOCK_K).to(dtype).to(tl.float32) * weight
     else:
-        y = _down_rows(h_row + TOP_K * I, s_down_ptr, rows, I_SHARED, H, BLOCK_N, BLOCK_K, dtype)
+        y = _down_rows(h_row, s_down_ptr + (slot - TOP_K) * I, rows, I, H, I_SHARED, BLOCK_N, BLOCK_K)
     partial_rows = partial_ptr + (token * SLOTS) * H + rows
     tl.store(partial_rows + slot * H, y, mask=row_ok)
     # The last of the SLOTS programs on these rows (whichever it is) sums all the partials, always in slot order
@@ -145,13 +146,17 @@ def _moe_down_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr + token * tl.num_programs(1) + block, 1, sem="acq_rel")
     if ticket == SLOTS - 1:
-        # The experts' outputs, each rounded and router-weighted, are summed in float32 (as the release does).
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # Routed outputs summed in float32 with their weights, then rounded (as the release does); the shared
+        # expert's pieces summed in float32 and rounded once, as one linear layer.
+        routed = tl.zeros([BLOCK_N], dtype=tl.float32)
         for s in tl.static_range(TOP_K):
-            total += tl.load(partial_rows + s * H, mask=row_ok, other=0.0, cache_modifier=".cg")
-        out = total.to(dtype)
-        if HAS_SHARED:
-            out = out + tl.load(partial_rows + TOP_K * H, mask=row_ok, other=0.0, cache_modifier=".cg").to(dtype)
+            routed += tl.load(partial_rows + s * H, mask=row_ok, other=0.0, cache_modifier=".cg")
+        out = routed.to(dtype)
+        if SLOTS > TOP_K:
+            shared = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(TOP_K, SLOTS):
+                shared += tl.load(partial_rows + s * H, mask=row_ok, other=0.0, cache_modifier=".cg")
+            out = out + shared.to(dtype)
         if HAS_RESIDUAL:
             out = out + tl.load(residual_ptr + token * H + rows, mask=row_ok, other=0.0)
         tl.store(out_ptr + token * H + rows, out, mask=row_ok)
@@ -166,8 +171,8 @@ def _tickets(device: torch.device, stream: int) -> torch.Tensor:
 
 
 # (BLOCK_N, BLOCK_K, num_warps), picked with bench/profile_decode.py on an H100.
-GATE_UP_BLOCKS = (32, 256, 8)
-DOWN_BLOCKS = (16, 256, 8)
+GATE_UP_BLOCKS = (32, 128, 4)
+DOWN_BLOCKS = (16, 256, 4)
 
 
 def moe_gemv(
@@ -206,7 +211,9 @@ def moe_gemv(
     out = torch.empty_like(x)
     bn, bk, warps = DOWN_BLOCKS
     bn, bk = min(bn, triton.next_power_of_2(H)), min(bk, triton.next_power_of_2(I))
-    slots = top_k + (shared is not None)
+    if i_shared % I:
+        raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
+    slots = top_k + i_shared // I
     partial = torch.empty(T, slots, H, dtype=torch.float32, device=x.device)
     tickets = _tickets(x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
     if T * triton.cdiv(H, bn) > tickets.numel():
@@ -214,7 +221,7 @@ def moe_gemv(
     _moe_down_kernel[(T, triton.cdiv(H, bn), slots)](
         h, logits, w_down, s_down, residual.reshape(T, H).contiguous() if residual is not None else x, partial,
         tickets, out, H=H, I=I, I_SHARED=i_shared, E=E, TOP_K=top_k, RENORM=renormalize,
-        HAS_SHARED=shared is not None, HAS_RESIDUAL=residual is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        HAS_RESIDUAL=residual is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )
     return out
 
@@ -326,7 +333,7 @@ def _gemv_kernel(
     tl.store(out_ptr + token * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-GEMV_BLOCKS = (16, 256, 4)
+GEMV_BLOCKS = (4, 512, 4)  # picked with bench/profile_decode.py on an H100 (qkv, dense and head)
 
 
 def gemv(
