@@ -8,10 +8,16 @@ vocoder at their public sizes, all with random weights.
 A random thinker writes random token ids with no sentence ends, which would hide the sentence cutting. So the
 reply's *text* is scripted while its *cost* is real: every scripted word is released only after a real thinker
 decode step, and the audio question really goes through the frontend, SANM encoder and prefill.
+
+Likewise a random talker never says <audio_eos>, so it would babble to its safety budget (64 + 40 per text token:
+about 15 s of audio for a 3 s sentence). A trained talker stops when the sentence is spoken, so each sentence's
+talker run is capped at the token count of natural speech (14 characters per second, 32 S3-BPE ids per second);
+every token is still a real talker step. The first chunk's parts (thinker text, talker, flow + vocoder) are timed.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 
@@ -47,6 +53,50 @@ class ExpandingCodec:
         return out
 
 
+CHARACTERS_PER_SECOND = 14  # natural English speech, ~150 words per minute
+BPE_IDS_PER_SECOND = 32  # 50 Hz speech tokens / 1.56 (ExpandingCodec)
+
+
+class SpeakingRateTalker:
+    """The real talker, stopped after as many tokens as the sentence takes to say (a trained talker's
+    <audio_eos>), timing each call."""
+
+    def __init__(self, talker: Talker):
+        self.talker = talker
+        self.calls: list[tuple[int, float]] = []  # (tokens, seconds) per sentence
+
+    def __getattr__(self, name: str):
+        return getattr(self.talker, name)
+
+    def generate(self, context, text: str, generator=None, max_new_tokens: int = 1000, **kwargs) -> list[int]:
+        natural = math.ceil(len(text) / CHARACTERS_PER_SECOND * BPE_IDS_PER_SECOND)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ids = self.talker.generate(context, text, generator, min(max_new_tokens, natural), min_new_tokens=natural, **kwargs)
+        torch.cuda.synchronize()
+        self.calls.append((len(ids), time.perf_counter() - t0))
+        return ids
+
+
+class TimedDetokenizer:
+    """The flow decoder + vocoder, timing each sentence."""
+
+    def __init__(self, detokenizer: AudioDetokenizer):
+        self.detokenizer = detokenizer
+        self.calls: list[float] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.detokenizer, name)
+
+    def synthesize(self, *args, **kwargs) -> torch.Tensor:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        wave = self.detokenizer.synthesize(*args, **kwargs)
+        torch.cuda.synchronize()
+        self.calls.append(time.perf_counter() - t0)
+        return wave
+
+
 def build_speech(size: str, thinker_hidden: int, device: torch.device) -> SpeechGenerator:
     with tempfile.TemporaryDirectory() as folder:
         write_text_tokenizer(folder)
@@ -58,7 +108,9 @@ def build_speech(size: str, thinker_hidden: int, device: torch.device) -> Speech
     talker.model.lm_head.weight = talker.model.model.embed_tokens.weight
     flow = FlowDecoder(FlowConfig()).to(device, torch.bfloat16).eval()
     hift = HiFTGenerator(HiFTConfig()).to(device).cast_convs(torch.bfloat16).eval()
-    return SpeechGenerator(talker, ExpandingCodec(), AudioDetokenizer(flow, hift), VoiceBank({}))
+    return SpeechGenerator(
+        SpeakingRateTalker(talker), ExpandingCodec(), TimedDetokenizer(AudioDetokenizer(flow, hift)), VoiceBank({})
+    )
 
 
 def scripted_reply(stream, words: list[str]):
@@ -77,6 +129,8 @@ def measure_speech(model, audio_inputs, image_inputs: dict, size: str = "0.5b") 
     results: dict[str, float] = {}
 
     def turn(inputs: dict | None = None) -> tuple[float, float, float]:
+        speech.talker.calls.clear()
+        speech.detokenizer.calls.clear()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         inputs = inputs if inputs is not None else audio_inputs(waveform)  # the frontend is part of the turn
@@ -89,15 +143,25 @@ def measure_speech(model, audio_inputs, image_inputs: dict, size: str = "0.5b") 
                 if first is None:
                     torch.cuda.synchronize()
                     first = time.perf_counter() - t0
+                    tokens, talker_s = speech.talker.calls[0]
+                    breakdown.append((first, tokens, talker_s, speech.detokenizer.calls[0]))
         torch.cuda.synchronize()
         return first, time.perf_counter() - t0, audio_seconds
 
+    breakdown: list[tuple[float, int, float, float]] = []
     turn()  # warm-up: kernel selection, graph captures
     torch.cuda.reset_peak_memory_stats()
+    breakdown.clear()
     runs = [turn() for _ in range(3)]
     runs.sort()
     first, total, audio = runs[1]
     results["speech_first_chunk_ms"] = 1000 * first
+    # The first chunk's parts (median run): the thinker until the first piece of text, then talker, flow + vocoder.
+    first, tokens, talker_s, detokenizer_s = sorted(breakdown)[1]
+    results["speech_first_piece_talker_tokens"] = tokens
+    results["speech_first_chunk_talker_ms"] = 1000 * talker_s
+    results["speech_first_chunk_detokenizer_ms"] = 1000 * detokenizer_s
+    results["speech_first_chunk_thinker_ms"] = 1000 * (first - talker_s - detokenizer_s)
     results["speech_turn_rtf"] = total / audio
     results["speech_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()

@@ -172,7 +172,7 @@ def _tickets(device: torch.device, stream: int) -> torch.Tensor:
 
 # (BLOCK_N, BLOCK_K, num_warps), picked with bench/profile_decode.py on an H100.
 GATE_UP_BLOCKS = (32, 128, 4)
-DOWN_BLOCKS = (16, 256, 4)
+DOWN_BLOCKS = (8, 128, 2)
 
 
 def moe_gemv(
