@@ -196,3 +196,28 @@ def test_flow_decoder_graph_replay_matches_eager(tiny_dir, monkeypatch):
     monkeypatch.setenv("MING_CUDA_GRAPHS", "0")
     eager = detokenizer.token_to_mel(tokens, speaker, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_talker_graph_is_reused_across_replies_and_matches_eager(tiny_dir, monkeypatch):
+    """Later replies replay the step captured for the first (no capture delay before their first sound), and
+    speak exactly what eager steps speak."""
+    from ming.speech import SpeechGenerator
+    from ming.speech.tiny import write_tiny_speech_assets
+
+    write_tiny_speech_assets(tiny_dir)
+    speech = SpeechGenerator.from_pretrained(tiny_dir, device="cuda")
+    speaker = speech.voice_bank.get(speech.voices[0])
+    thinker_states = torch.randn(1, 7, speech.talker.thinker_to_talker_proj.in_features, generator=torch.Generator().manual_seed(0))
+
+    def reply(text: str, seed: int) -> list[int]:
+        context = speech.talker.start(speaker.cuda(), thinker_states.cuda(), 200)
+        return speech.talker.generate(context, text, torch.Generator().manual_seed(seed), 200)
+
+    graphed = [reply("Hello there, how are you?", 0), reply("Fine, thanks.", 1)]
+    steps = speech.talker._decode_steps
+    assert len(steps) == 1
+    graphed.append(reply("And you?", 2))
+    assert speech.talker._decode_steps is steps and len(steps) == 1
+    monkeypatch.setenv("MING_CUDA_GRAPHS", "0")
+    eager = [reply("Hello there, how are you?", 0), reply("Fine, thanks.", 1), reply("And you?", 2)]
+    assert graphed == eager

@@ -244,11 +244,19 @@ class TalkerLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- the talker
+MIN_GRAPHED_CAPACITY = 1024
+
+
+def cuda_graphs_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
+
+
 class DecodeStep:
     """One talker step with static shapes: (audio id, text id) at a cache slot -> the top-k candidates for the next
-    token. Its inputs live in fixed buffers, so on a GPU the step is captured once per reply and replayed as a CUDA
-    graph: one launch instead of ~1,000 kernel launches from Python, which otherwise hold the full-size talker to
-    about 32 steps a second on an H100, barely real time. (`MING_CUDA_GRAPHS=0` turns graphs off, as for the thinker.)"""
+    token. Its inputs live in fixed buffers, so on a GPU the step is captured once per cache and replayed as a
+    CUDA graph: one launch instead of ~1,000 kernel launches from Python, which otherwise hold the full-size talker
+    to about 32 steps a second on an H100, barely real time. (`MING_CUDA_GRAPHS=0` turns graphs off, as for the
+    thinker.)"""
 
     def __init__(self, talker: "Talker", cache: KVCache):
         device = talker.device
@@ -258,7 +266,7 @@ class DecodeStep:
         self.eos_penalty = torch.zeros((), device=device)  # -inf while <audio_eos> is refused
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        if device.type == "cuda" and os.environ.get("MING_CUDA_GRAPHS", "1") != "0":
+        if cuda_graphs_enabled(device):
             self._capture()
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,9 +424,31 @@ class Talker(nn.Module):
         embeds = self.embed_prefix(speaker_embedding, thinker_states)
         prefix_length = embeds.shape[1]
         # One slot more than generation can reach: the decode step's graph is captured there.
-        cache = KVCache(self.config, prefix_length + max_new_tokens + 1, self.dtype, self.device)
+        cache, step = self._cache_and_step(prefix_length + max_new_tokens + 1)
         self.model.model.prefill(embeds, cache)
-        return TalkerContext(cache, prefix_length, DecodeStep(self, cache))
+        return TalkerContext(cache, prefix_length, step)
+
+    def _cache_and_step(self, slots: int) -> tuple[KVCache, DecodeStep]:
+        """An empty cache of at least `slots` slots and its decode step.
+
+        With CUDA graphs they are kept per power-of-two size and reused by later replies, as the thinker's are:
+        capturing a step costs two eager steps and a capture (~0.1 s) that would otherwise delay every reply's
+        first sound. So a talker speaks one reply at a time (the app runs one GPU job at a time)."""
+        if not cuda_graphs_enabled(self.device):
+            cache = KVCache(self.config, slots, self.dtype, self.device)
+            return cache, DecodeStep(self, cache)
+        capacity = max(MIN_GRAPHED_CAPACITY, 1 << (slots - 1).bit_length())
+        steps: dict[int, tuple[KVCache, DecodeStep]] = self.__dict__.setdefault("_decode_steps", {})
+        if capacity not in steps:
+            cache = KVCache(self.config, capacity, self.dtype, self.device)
+            steps[capacity] = (cache, DecodeStep(self, cache))
+        cache, step = steps[capacity]
+        cache.valid.zero_()
+        return cache, step
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_decode_steps", None)  # captured for the old device / dtype
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.inference_mode()
     def generate(
