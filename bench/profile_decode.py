@@ -23,7 +23,7 @@ from bench.bench import RELEASE_CONFIG, fill_random_, text_prompt
 from ming import kernels
 from ming.modeling import MingOmni
 
-BLOCK_CANDIDATES = [(8, 256, 4), (16, 256, 4), (16, 256, 8), (32, 256, 8), (32, 128, 4), (8, 512, 4), (16, 512, 8), (4, 512, 4), (8, 128, 2)]
+BLOCK_CANDIDATES = [(4, 512, 4), (8, 128, 2), (8, 256, 2), (8, 256, 4), (16, 128, 2), (16, 256, 4), (32, 128, 4), (32, 256, 8)]
 
 
 def bench_us(fn) -> float:

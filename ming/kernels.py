@@ -413,67 +413,73 @@ def rope_(
 
 @triton.jit
 def _decode_attention_partial(
-    qkv_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, stats_ptr, scale,
-    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    CHUNK: tl.constexpr,
+    qkv_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, max_ptr, sum_ptr, scale,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+    S: tl.constexpr, CHUNK: tl.constexpr,
 ):
     bh = tl.program_id(0)  # b * KV_HEADS + kv head
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
     b, kv_head = bh // KV_HEADS, bh % KV_HEADS
-    group = Q_HEADS // KV_HEADS
-    g = tl.arange(0, GROUP_PAD)
+    g = tl.arange(0, GROUP_PAD)  # the KV head's query heads, padded to a tensor-core tile
     d = tl.arange(0, D)
     s = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = tl.load(valid_ptr + b * S + s).to(tl.int1)
-    part = (bh * num_chunks + chunk) * GROUP_PAD + g
+    part = (bh * num_chunks + chunk) * GROUP + g  # where this chunk's statistics go, one row per query head
+    real = g < GROUP
     if tl.sum(valid.to(tl.int32), axis=0) == 0:  # past the end of the sequence: nothing to read
-        tl.store(stats_ptr + part * 2, tl.full([GROUP_PAD], float("-inf"), tl.float32))
-        tl.store(stats_ptr + part * 2 + 1, tl.zeros([GROUP_PAD], tl.float32))
-        tl.store(acc_ptr + part[:, None] * D + d[None, :], tl.zeros([GROUP_PAD, D], tl.float32))
+        tl.store(max_ptr + part, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=real)
     else:
-        q_rows = b * (Q_HEADS + 2 * KV_HEADS) + kv_head * group + g
-        q = tl.load(qkv_ptr + q_rows[:, None] * D + d[None, :], mask=(g < group)[:, None], other=0.0)
+        q_rows = b * (Q_HEADS + 2 * KV_HEADS) + kv_head * GROUP + g
+        q = tl.load(qkv_ptr + q_rows[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
         kv_rows = bh * S + s
         k = tl.load(k_ptr + kv_rows[:, None] * D + d[None, :])
+        v = tl.load(v_ptr + kv_rows[:, None] * D + d[None, :])
         scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, CHUNK], float32
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m = tl.max(scores, axis=1)
         p = tl.exp(scores - m[:, None])
-        v = tl.load(v_ptr + kv_rows[:, None] * D + d[None, :])
         acc = tl.dot(p.to(v.dtype), v)
-        tl.store(stats_ptr + part * 2, m)
-        tl.store(stats_ptr + part * 2 + 1, tl.sum(p, axis=1))
-        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc)
+        tl.store(max_ptr + part, m, mask=real)
+        tl.store(sum_ptr + part, tl.sum(p, axis=1), mask=real)
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=real[:, None])
 
 
 @triton.jit
 def _decode_attention_combine(
-    acc_ptr, stats_ptr, out_ptr,
-    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    acc_ptr, max_ptr, sum_ptr, out_ptr,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, D_BLOCK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    group = Q_HEADS // KV_HEADS
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, D)
-    m_all = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    for c in range(NUM_CHUNKS):
-        m_all = tl.maximum(m_all, tl.load(stats_ptr + ((bh * NUM_CHUNKS + c) * GROUP_PAD + g) * 2))
-    total = tl.zeros([GROUP_PAD], tl.float32)
-    out = tl.zeros([GROUP_PAD, D], tl.float32)
-    for c in range(NUM_CHUNKS):
-        part = (bh * NUM_CHUNKS + c) * GROUP_PAD + g
-        m = tl.load(stats_ptr + part * 2)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
-        total += w * tl.load(stats_ptr + part * 2 + 1)
-        out += w[:, None] * tl.load(acc_ptr + part[:, None] * D + d[None, :])
+    d = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
+    g = tl.arange(0, GROUP)
+    base = bh * NUM_CHUNKS * GROUP
+    # Pass 1: each query head's largest score over all chunks (empty chunks hold -inf).
+    m_all = tl.full([GROUP], float("-inf"), tl.float32)
+    for c0 in range(0, NUM_CHUNKS, CHUNK_BLOCK):
+        c = c0 + tl.arange(0, CHUNK_BLOCK)
+        stats = base + c[:, None] * GROUP + g[None, :]
+        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None], other=float("-inf"))
+        m_all = tl.maximum(m_all, tl.max(m, axis=0))
+    # Pass 2: the chunks' partial sums, rescaled to that maximum, a block of chunks at a time.
+    total = tl.zeros([GROUP], tl.float32)
+    out = tl.zeros([GROUP, D_BLOCK], tl.float32)
+    for c0 in range(0, NUM_CHUNKS, CHUNK_BLOCK):
+        c = c0 + tl.arange(0, CHUNK_BLOCK)
+        stats = base + c[:, None] * GROUP + g[None, :]
+        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None], other=float("-inf"))
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all[None, :]))  # [CHUNK_BLOCK, GROUP]
+        total += tl.sum(w * tl.load(sum_ptr + stats, mask=w > 0, other=0.0), axis=0)
+        acc = tl.load(acc_ptr + stats[:, :, None] * D + d[None, None, :], mask=(w > 0)[:, :, None], other=0.0)
+        out += tl.sum(w[:, :, None] * acc, axis=0)
     out = out / total[:, None]
     b, kv_head = bh // KV_HEADS, bh % KV_HEADS
-    rows = b * Q_HEADS + kv_head * group + g
-    tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < group)[:, None])
+    rows = b * Q_HEADS + kv_head * GROUP + g
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty))
 
 
-DECODE_ATTENTION_CHUNK = 256  # keys per program; picked with bench/profile_decode.py
+DECODE_ATTENTION_CHUNK = 64  # keys per program; picked with bench/profile_decode.py
 
 
 def decode_attention(
@@ -483,23 +489,28 @@ def decode_attention(
 
     qkv [B, 1, heads, D] holds the rotated queries; caches [B, kv_heads, S, D]; key_valid [B, S] bool.
     Returns [B, num_heads, D]. Chunks past the sequence's end are skipped, so a large cache bucket costs nothing."""
-    B, _, heads, D = qkv.shape
+    B, D = qkv.shape[0], qkv.shape[-1]
     kv_heads, S = k_cache.shape[1], k_cache.shape[2]
     chunk = min(DECODE_ATTENTION_CHUNK, S)
     if S % chunk or chunk & (chunk - 1):
         raise ValueError(f"decode_attention needs a power-of-two cache length (or a multiple of {chunk}), got {S}")
+    group = num_heads // kv_heads
+    if group & (group - 1):
+        raise ValueError(f"decode_attention needs a power-of-two number of query heads per KV head, got {group}")
     num_chunks = S // chunk
-    group_pad = max(16, triton.next_power_of_2(num_heads // kv_heads))
-    acc = torch.empty(B * kv_heads * num_chunks * group_pad, D, dtype=torch.float32, device=qkv.device)
-    stats = torch.empty(B * kv_heads * num_chunks * group_pad, 2, dtype=torch.float32, device=qkv.device)
+    parts = B * kv_heads * num_chunks * group
+    acc = torch.empty(parts, D, dtype=torch.float32, device=qkv.device)
+    maxima = torch.empty(parts, dtype=torch.float32, device=qkv.device)
+    sums = torch.empty(parts, dtype=torch.float32, device=qkv.device)
     _decode_attention_partial[(B * kv_heads, num_chunks)](
-        qkv, k_cache, v_cache, key_valid, acc, stats, D**-0.5,
-        Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP_PAD=group_pad, D=D, S=S, CHUNK=chunk, num_warps=4,
+        qkv, k_cache, v_cache, key_valid, acc, maxima, sums, D**-0.5, Q_HEADS=num_heads, KV_HEADS=kv_heads,
+        GROUP=group, GROUP_PAD=max(16, group), D=D, S=S, CHUNK=chunk, num_warps=4,
     )
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
-    _decode_attention_combine[(B * kv_heads,)](
-        acc, stats, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP_PAD=group_pad, D=D, NUM_CHUNKS=num_chunks,
-        num_warps=4,
+    d_block = min(D, 32)
+    _decode_attention_combine[(B * kv_heads, D // d_block)](
+        acc, maxima, sums, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group, D=D, D_BLOCK=d_block,
+        NUM_CHUNKS=num_chunks, CHUNK_BLOCK=min(32, triton.next_power_of_2(num_chunks)), num_warps=4,
     )
     return out
 

@@ -221,3 +221,32 @@ def test_talker_graph_is_reused_across_replies_and_matches_eager(tiny_dir, monke
     monkeypatch.setenv("MING_CUDA_GRAPHS", "0")
     eager = [reply("Hello there, how are you?", 0), reply("Fine, thanks.", 1), reply("And you?", 2)]
     assert graphed == eager
+
+
+def test_engine_serves_every_kind_of_reply_on_the_gpu(monkeypatch):
+    """The Space's serving path (ming.engine, as app.py calls it) on the GPU in bf16, with the tiny checkpoint:
+    a chat turn with an image and a spoken reply, a second turn (graphs reused), image QA and thinking mode."""
+    pytest.importorskip("gradio")
+    pytest.importorskip("spaces")
+    from ming import engine
+
+    monkeypatch.setenv("MING_MODEL", "tiny")
+    monkeypatch.setenv("MING_DEVICE", "cuda")
+    monkeypatch.setattr(engine, "ENGINE", None)  # another test may have loaded the CPU engine in this process
+    eng = engine.load()
+    assert eng.device.type == "cuda" and eng.model.dtype == torch.bfloat16 and eng.speech is not None
+    image = os.path.join(os.path.dirname(__file__), "..", "examples", "images", "street.png")
+    sampling = engine.Sampling(temperature=0.0, max_new_tokens=24)
+
+    turns = []
+    for text in ("What is in this picture?", "And what colour is it?"):
+        updates = list(engine.chat(turns, text, [image] if not turns else [], "", sampling, True, eng.voices[0], "s"))
+        turns, progress = updates[-1]
+        assert progress.done and turns[-1].reply.strip() and turns[-1].reply_audio
+        assert sum(p.audio is not None for _, p in updates) >= 1
+        assert len(updates) >= 4  # streamed: the question, text deltas and audio chunks, then done
+    answers = list(engine.vision_qa(image, None, "Describe it.", sampling, "s"))
+    assert len(answers) >= 3 and answers[-1].strip()
+    thought = list(engine.thinking([], "What is 2 + 2?", None, sampling, "s"))
+    assert thought[-1][1].done and thought[-1][0][-1].reply.strip()
+    assert eng.peak_active_jobs == 1
