@@ -39,14 +39,14 @@ def tune_moe() -> None:
     w_down = torch.randn(E, H, I, **bf16) / 38
     shared = (torch.randn(shared_I, H, **bf16) / 45, torch.randn(shared_I, H, **bf16) / 45, torch.randn(H, shared_I, **bf16) / 53)
     x, residual = torch.randn(1, H, **bf16), torch.randn(1, H, **bf16)
-    logits = torch.randn(1, E, device="cuda")
+    weight, idx = torch.randn(1, E, device="cuda").softmax(-1).topk(k)
     gigabytes = 3 * (k * I + shared_I) * H * 2 / 1e9
     default = kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS
     for part in ("gate_up", "down"):
         for blocks in BLOCK_CANDIDATES:
             kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS = default
             setattr(kernels, "GATE_UP_BLOCKS" if part == "gate_up" else "DOWN_BLOCKS", blocks)
-            us = bench_us(lambda: kernels.moe_gemv(x, logits, k, True, w_gate, w_up, w_down, shared, residual))
+            us = bench_us(lambda: kernels.moe_gemv(x, idx, weight, w_gate, w_up, w_down, shared, residual))
             print(f"moe ({part} blocks {blocks}): {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
     kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS = default
 

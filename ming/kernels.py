@@ -1,12 +1,15 @@
 """Triton kernels for batch-1 decoding on a GPU.
 
 A decode step is memory-bound (read ~5 GB of weights) and, in plain PyTorch, also launch-bound: about 1,800 small
-kernels per token. These kernels cut both:
-- the MoE experts as two gathered GEMVs: indexing the stacked expert weights by the router's choice reads exactly
-  the chosen experts' rows, once, with no sort, gather copy or host sync (so the step stays in a CUDA graph); the
-  shared expert runs through the same kernels as one more "expert";
-- RMSNorm (optionally fused with the residual add), RoPE applied in place on the fused QKV output, and the router's
-  softmax + top-k + renormalisation, each one kernel instead of five to ten.
+kernels per token. These kernels bring a layer down to eight launches that read each weight once:
+- QKV projection with the input RMSNorm inside it (a GEMV: faster than cuBLAS at one token), RoPE applied in
+  place that also writes the KV cache, flash-decoding attention (partial + combine), the output projection;
+- the residual add + post-attention norm + router gate + softmax/top-k in one kernel;
+- the MoE as two gathered GEMVs: indexing the stacked expert weights by the routing reads exactly the chosen
+  experts' rows, once, with no sort, gather copy or host sync (so the step stays in a CUDA graph); the shared
+  expert runs alongside as more "experts"; the down projection ends with the weighted sum and the residual add.
+Where one kernel needs all its programs' results (the routing, the expert sum), the last program to finish does the
+reduction, found with an atomic ticket, instead of a separate launch.
 Prefill (many tokens) uses grouped GEMMs and plain PyTorch ops instead (ming/llm.py). The CPU path never uses this
 file; tests/test_cuda.py pins every kernel to the plain PyTorch ops it replaces.
 """
@@ -21,29 +24,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _top_k_expert(remaining, cols):
-    """The best expert left in `remaining` (routing weights, -1 where taken): (expert, weight, remaining)."""
-    expert = tl.argmax(remaining, axis=0)
-    weight = tl.max(remaining, axis=0)
-    return expert, weight, tl.where(cols == expert, -1.0, remaining)
-
-
-@triton.jit
-def _routing_weights(logits_row, E: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr):
-    """Float32 softmax over a token's E gate logits; the top-k kept (renormalised when RENORM), others -1.
-
-    Every program of the expert kernels recomputes this from the 64 logits: cheaper than a kernel launch."""
-    cols = tl.arange(0, E)
-    logits = tl.load(logits_row + cols).to(tl.float32)
+def _softmax_top_k(logits, cols, idx_row, weight_row, K: tl.constexpr, RENORM: tl.constexpr):
+    """Float32 softmax over one token's gate logits (a tensor over `cols`), then its top-k stored in descending
+    order: expert ids (int64) and weights, renormalised to sum to one when RENORM."""
     probs = tl.exp(logits - tl.max(logits, axis=0))
     probs = probs / tl.sum(probs, axis=0)
+    total = 0.0
     remaining = probs
-    for _ in tl.static_range(TOP_K):
-        _, _, remaining = _top_k_expert(remaining, cols)
-    kept = tl.where(remaining < 0, probs, 0.0)
-    if RENORM:
-        kept = kept / tl.sum(kept, axis=0)
-    return tl.where(kept > 0, kept, -1.0), cols
+    for _ in tl.static_range(K):
+        total += tl.max(remaining, axis=0)
+        remaining = tl.where(cols == tl.argmax(remaining, axis=0), -1.0, remaining)
+    scale = 1.0 / total if RENORM else 1.0
+    remaining = probs
+    for j in tl.static_range(K):
+        best = tl.argmax(remaining, axis=0)
+        tl.store(idx_row + j, best.to(tl.int64))
+        tl.store(weight_row + j, tl.max(remaining, axis=0) * scale)
+        remaining = tl.where(cols == best, -1.0, remaining)
 
 
 @triton.jit
@@ -70,9 +67,9 @@ def _swiglu_rows(x_row, gate_ptr, up_ptr, rows, K: tl.constexpr, N: tl.constexpr
 
 @triton.jit
 def _moe_gate_up_kernel(
-    x_ptr, logits_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
-    H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr,
-    RENORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
+    H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     token = tl.program_id(0)
     block = tl.program_id(1)  # TOP_K slots of I // BLOCK_N blocks each, then the shared expert's blocks
@@ -82,13 +79,9 @@ def _moe_gate_up_kernel(
     dtype = h_ptr.dtype.element_ty
     if block < TOP_K * SLOT_BLOCKS:
         slot = block // SLOT_BLOCKS
-        remaining, cols = _routing_weights(logits_ptr + token * E, E, TOP_K, RENORM)
-        expert = 0
-        for j in tl.static_range(TOP_K):
-            best, _, remaining = _top_k_expert(remaining, cols)
-            expert = tl.where(j == slot, best, expert)
+        expert = tl.load(idx_ptr + token * TOP_K + slot).to(tl.int64)
         rows = (block % SLOT_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        base = expert.to(tl.int64) * I * H
+        base = expert * I * H
         h = _swiglu_rows(x_row, w_gate_ptr + base, w_up_ptr + base, rows, H, I, BLOCK_N, BLOCK_K, dtype)
         tl.store(h_row + slot * I + rows, h.to(dtype), mask=rows < I)
     else:
@@ -114,9 +107,9 @@ def _down_rows(h_row, w_ptr, rows, K: tl.constexpr, N: tl.constexpr, STRIDE: tl.
 
 @triton.jit
 def _moe_down_kernel(
-    h_ptr, logits_ptr, w_down_ptr, s_down_ptr, residual_ptr, partial_ptr, ticket_ptr, out_ptr,
-    H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr,
-    RENORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr, idx_ptr, weight_ptr, w_down_ptr, s_down_ptr, residual_ptr, partial_ptr, ticket_ptr, out_ptr,
+    H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, TOP_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     token = tl.program_id(0)
     block = tl.program_id(1)
@@ -128,12 +121,9 @@ def _moe_down_kernel(
     h_row = h_ptr + token * (TOP_K * I + I_SHARED) + slot * I
     dtype = out_ptr.dtype.element_ty
     if slot < TOP_K:
-        remaining, cols = _routing_weights(logits_ptr + token * E, E, TOP_K, RENORM)
-        expert, weight = 0, 0.0
-        for j in tl.static_range(TOP_K):
-            best, p, remaining = _top_k_expert(remaining, cols)
-            expert, weight = tl.where(j == slot, best, expert), tl.where(j == slot, p, weight)
-        w_ptr = w_down_ptr + expert.to(tl.int64) * H * I
+        expert = tl.load(idx_ptr + token * TOP_K + slot).to(tl.int64)
+        weight = tl.load(weight_ptr + token * TOP_K + slot)
+        w_ptr = w_down_ptr + expert * H * I
         # Each expert's output is rounded (as its own linear layer would be) before the router weight.
         y = _down_rows(h_row, w_ptr, rows, I, H, I, BLOCK_N, BLOCK_K).to(dtype).to(tl.float32) * weight
     else:
@@ -164,10 +154,14 @@ def _moe_down_kernel(
 
 
 @functools.cache
-def _tickets(device: torch.device, stream: int) -> torch.Tensor:
-    """Zeroed counters for the down kernel's last-program reduction; each launch leaves them zero again. One set
-    per CUDA stream, so that launches on different streams never share one."""
+def _ticket_buffer(device: torch.device, stream: int) -> torch.Tensor:
     return torch.zeros(4096, dtype=torch.int32, device=device)
+
+
+def _tickets(x: torch.Tensor) -> torch.Tensor:
+    """Zeroed counters for the last-program reductions (routing, down projection); each launch leaves them zero
+    again. One set per CUDA stream, so that launches on different streams never share one."""
+    return _ticket_buffer(x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
 
 
 # (BLOCK_N, BLOCK_K, num_warps), picked with bench/profile_decode.py on an H100.
@@ -177,9 +171,8 @@ DOWN_BLOCKS = (8, 128, 2)
 
 def moe_gemv(
     x: torch.Tensor,
-    router_logits: torch.Tensor,
-    top_k: int,
-    renormalize: bool,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
     w_gate: torch.Tensor,
     w_up: torch.Tensor,
     w_down: torch.Tensor,
@@ -188,40 +181,41 @@ def moe_gemv(
 ) -> torch.Tensor:
     """The MoE block for a few tokens in two kernels, reading only the chosen experts' weights.
 
-    x [T, H]; router_logits [T, E]; stacked weights gate/up [E, I, H], down [E, H, I]; optional shared expert
-    (gate, up [I_s, H], down [H, I_s]). Returns [T, H] in x's dtype, plus `residual` [T, H] if given.
+    x [T, H]; topk_idx / topk_weight [T, k]; stacked weights gate/up [E, I, H], down [E, H, I]; optional shared
+    expert (gate, up [I_s, H], down [H, I_s]). Returns [T, H] in x's dtype, plus `residual` [T, H] if given.
 
-    Each kernel picks the top-k experts from the logits itself (float32 softmax, optionally renormalised), so there
-    is no routing kernel, sort or host sync; the first runs gate/up/SiLU for every chosen expert and the shared one,
-    the second the down projections, the weighted sum, the shared expert's output and the residual add."""
+    The first kernel runs gate/up/SiLU for every chosen expert and the shared one; the second the down
+    projections, split by expert so the work fills the GPU, then (in the last program on each block of rows) the
+    weighted sum, the shared expert's output and the residual add. No sort, gather copy or host sync."""
     T, H = x.shape
-    E, I = w_gate.shape[0], w_gate.shape[1]
+    I = w_gate.shape[1]
+    top_k = topk_idx.shape[1]
     i_shared = shared[0].shape[0] if shared is not None else 0
+    if i_shared % I:
+        raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
     s_gate, s_up, s_down = shared if shared is not None else (w_gate, w_up, w_down)
     x = x.contiguous()
-    logits = router_logits.contiguous()
+    topk_idx, topk_weight = topk_idx.contiguous(), topk_weight.float().contiguous()
     h = torch.empty(T, top_k * I + i_shared, dtype=x.dtype, device=x.device)
     bn, bk, warps = GATE_UP_BLOCKS
     bn, bk = min(bn, triton.next_power_of_2(I)), min(bk, triton.next_power_of_2(H))
     blocks = top_k * triton.cdiv(I, bn) + triton.cdiv(i_shared, bn)
     _moe_gate_up_kernel[(T, blocks)](
-        x, logits, w_gate, w_up, s_gate, s_up, h, H=H, I=I, I_SHARED=i_shared, E=E, TOP_K=top_k,
-        RENORM=renormalize, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        x, topk_idx, w_gate, w_up, s_gate, s_up, h, H=H, I=I, I_SHARED=i_shared, TOP_K=top_k,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )
     out = torch.empty_like(x)
     bn, bk, warps = DOWN_BLOCKS
     bn, bk = min(bn, triton.next_power_of_2(H)), min(bk, triton.next_power_of_2(I))
-    if i_shared % I:
-        raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
     slots = top_k + i_shared // I
     partial = torch.empty(T, slots, H, dtype=torch.float32, device=x.device)
-    tickets = _tickets(x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
+    tickets = _tickets(x)
     if T * triton.cdiv(H, bn) > tickets.numel():
         raise ValueError(f"moe_gemv is for a few tokens at a time, got {T}")
     _moe_down_kernel[(T, triton.cdiv(H, bn), slots)](
-        h, logits, w_down, s_down, residual.reshape(T, H).contiguous() if residual is not None else x, partial,
-        tickets, out, H=H, I=I, I_SHARED=i_shared, E=E, TOP_K=top_k, RENORM=renormalize,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        h, topk_idx, topk_weight, w_down, s_down, residual.reshape(T, H).contiguous() if residual is not None else x,
+        partial, tickets, out, H=H, I=I, I_SHARED=i_shared, TOP_K=top_k, HAS_RESIDUAL=residual is not None,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )
     return out
 
@@ -262,9 +256,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 
 
 @triton.jit
-def _add_norm_router_kernel(
-    x_ptr, delta_ptr, norm_weight_ptr, router_ptr, sum_ptr, normed_ptr, logits_ptr, eps,
-    H: tl.constexpr, E: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+def _add_norm_route_kernel(
+    x_ptr, delta_ptr, norm_weight_ptr, router_ptr, sum_ptr, normed_ptr, logits_ptr, ticket_ptr, idx_ptr, weight_ptr,
+    eps, H: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     token = tl.program_id(0)
     part = tl.program_id(1)  # which ROWS of the router's E rows this program scores
@@ -282,26 +277,44 @@ def _add_norm_router_kernel(
         tl.store(normed_ptr + token * H + cols, normed, mask=ok)
     rows = part * ROWS + tl.arange(0, ROWS)
     gate = tl.load(router_ptr + rows[:, None] * H + cols[None, :], mask=(rows < E)[:, None] & ok[None, :], other=0.0)
-    logits = tl.sum(gate.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1).to(dtype)
+    logits = tl.sum(gate.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1).to(dtype)  # a linear layer's rounding
     tl.store(logits_ptr + token * E + rows, logits.to(tl.float32), mask=rows < E)
+    # The last program to finish (whichever it is) routes the token: softmax and top-k over all E logits, done
+    # once here rather than by every program of the expert kernels. It resets the ticket for the next launch.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + token, 1, sem="acq_rel")
+    if ticket == tl.num_programs(1) - 1:
+        experts = tl.arange(0, BLOCK_E)
+        all_logits = tl.load(logits_ptr + token * E + experts, mask=experts < E, other=float("-inf"),
+                             cache_modifier=".cg")
+        _softmax_top_k(all_logits, experts, idx_ptr + token * TOP_K, weight_ptr + token * TOP_K, TOP_K, RENORM)
+        tl.atomic_xchg(ticket_ptr + token, 0)
 
 
-def add_norm_router(
-    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, router_weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, delta [T, H] -> (x + delta, RMSNorm(x + delta), router logits [T, E] float32) in one kernel: the
-    residual add after attention, the MoE's input norm and its gate (logits rounded to x's dtype, as a linear
-    layer's would be)."""
+def add_norm_route(
+    x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, router_weight: torch.Tensor,
+    top_k: int, renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, delta [T, H] -> (x + delta, RMSNorm(x + delta), topk_idx [T, k], topk_weight [T, k]) in one kernel: the
+    residual add after attention, the MoE's input norm, its gate (logits rounded to x's dtype, as a linear layer's
+    would be) and the routing (float32 softmax, top-k, optionally renormalised)."""
     T, H = x.shape
     E = router_weight.shape[0]
     total, normed = torch.empty_like(x), torch.empty_like(x)
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    rows = 4
-    _add_norm_router_kernel[(T, triton.cdiv(E, rows))](
-        x.contiguous(), delta.contiguous(), norm_weight, router_weight, total, normed, logits, eps,
-        H=H, E=E, ROWS=rows, BLOCK_H=triton.next_power_of_2(H), num_warps=4,
+    idx = torch.empty(T, top_k, dtype=torch.long, device=x.device)
+    weight = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    tickets = _tickets(x)
+    rows = ROUTER_ROWS
+    _add_norm_route_kernel[(T, triton.cdiv(E, rows))](
+        x.contiguous(), delta.contiguous(), norm_weight, router_weight, total, normed, logits, tickets, idx, weight,
+        eps, H=H, E=E, TOP_K=top_k, RENORM=renormalize, ROWS=rows, BLOCK_H=triton.next_power_of_2(H),
+        BLOCK_E=triton.next_power_of_2(E), num_warps=1,  # one warp: the routing's reductions stay in registers
     )
-    return total, normed, logits
+    return total, normed, idx, weight
+
+
+ROUTER_ROWS = 2  # gate rows per program of add_norm_route
 
 
 @triton.jit
@@ -516,25 +529,12 @@ def decode_attention(
 
 
 @triton.jit
-def _route_kernel(logits_ptr, idx_ptr, weight_ptr, E: tl.constexpr, K: tl.constexpr, RENORM: tl.constexpr):
+def _route_kernel(logits_ptr, idx_ptr, weight_ptr, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
+                  RENORM: tl.constexpr):
     row = tl.program_id(0)
-    cols = tl.arange(0, E)
-    logits = tl.load(logits_ptr + row * E + cols).to(tl.float32)
-    probs = tl.exp(logits - tl.max(logits, axis=0))
-    probs = probs / tl.sum(probs, axis=0)
-    remaining = probs
-    total = 0.0
-    for j in tl.static_range(K):
-        best = tl.argmax(remaining, axis=0)
-        p = tl.max(remaining, axis=0)
-        tl.store(idx_ptr + row * K + j, best.to(tl.int64))
-        tl.store(weight_ptr + row * K + j, p)
-        total += p
-        remaining = tl.where(cols == best, -1.0, remaining)
-    if RENORM:
-        for j in tl.static_range(K):
-            w = tl.load(weight_ptr + row * K + j)
-            tl.store(weight_ptr + row * K + j, w / total)
+    cols = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
+    _softmax_top_k(logits, cols, idx_ptr + row * K, weight_ptr + row * K, K, RENORM)
 
 
 def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -543,5 +543,7 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
     T, E = logits.shape
     idx = torch.empty(T, k, dtype=torch.long, device=logits.device)
     weight = torch.empty(T, k, dtype=torch.float32, device=logits.device)
-    _route_kernel[(T,)](logits.contiguous(), idx, weight, E=E, K=k, RENORM=renormalize, num_warps=1)
+    _route_kernel[(T,)](
+        logits.contiguous(), idx, weight, E=E, BLOCK_E=triton.next_power_of_2(E), K=k, RENORM=renormalize, num_warps=1
+    )
     return idx, weight

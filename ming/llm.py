@@ -319,25 +319,25 @@ class SparseMoeBlock(nn.Module):
         x: torch.Tensor,
         router_ids: torch.Tensor | None,
         residual: torch.Tensor | None = None,
-        router_logits: torch.Tensor | None = None,
+        routing: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The MoE output for x [B, L, H], plus `residual` when given (fused into the last kernel on the GPU).
-        `router_logits` [B*L, E], when the caller already has them (the fused decode norm), skip the gate."""
+        `routing` (topk_idx, topk_weight) [B*L, k], when the caller already has it (the fused decode norm), skips
+        the gate."""
         B, L, H = x.shape
         flat = x.reshape(-1, H)
-        if router_logits is None:
-            router_logits = self.router_logits(flat, None if router_ids is None else router_ids.reshape(-1))
+        if routing is None:
+            routing = self.route(self.router_logits(flat, None if router_ids is None else router_ids.reshape(-1)))
+        topk_idx, topk_weight = routing
         if use_triton(x) and B * L * self.top_k <= 64:
             # Decode: two kernels that read only the chosen experts' rows, the shared expert's alongside.
-            shared = self.shared_experts
+            e, shared = self.experts, self.shared_experts
             shared_weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
-            e = self.experts
             y = kernels.moe_gemv(
-                flat, router_logits, self.top_k, self.top_k > 1 and self.norm_topk_prob,
-                e.gate_proj, e.up_proj, e.down_proj, shared_weights, None if residual is None else residual.reshape(-1, H),
+                flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights,
+                None if residual is None else residual.reshape(-1, H),
             )
             return y.view(B, L, H)
-        topk_idx, topk_weight = self.route(router_logits)
         y = self.experts(flat, topk_idx, topk_weight).view(B, L, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -362,12 +362,14 @@ class DecoderLayer(nn.Module):
             x, h = norm.add_and_norm(x, attention)
             return x + self.mlp(h)
         if use_triton(x) and router_ids is None and x.shape[0] * x.shape[1] <= 16:
-            # Decode: the residual add, the norm and the (text) gate in one kernel.
+            # Decode: the residual add, the norm, the (text) gate and the routing in one kernel.
             B, L, H = x.shape
-            x, h, logits = kernels.add_norm_router(
-                x.reshape(-1, H), attention.reshape(-1, H), norm.weight, norm.eps, self.mlp.gate.weight
+            moe = self.mlp
+            x, h, *routing = kernels.add_norm_route(
+                x.reshape(-1, H), attention.reshape(-1, H), norm.weight, norm.eps, moe.gate.weight, moe.top_k,
+                moe.top_k > 1 and moe.norm_topk_prob,
             )
-            return self.mlp(h.view(B, L, H), router_ids, residual=x.view(B, L, H), router_logits=logits)
+            return moe(h.view(B, L, H), router_ids, residual=x.view(B, L, H), routing=tuple(routing))
         x, h = norm.add_and_norm(x, attention)
         return self.mlp(h, router_ids, residual=x)
 
