@@ -165,7 +165,7 @@ def _tickets(x: torch.Tensor) -> torch.Tensor:
 
 
 # (BLOCK_N, BLOCK_K, num_warps), picked with bench/profile_decode.py on an H100.
-GATE_UP_BLOCKS = (32, 128, 4)
+GATE_UP_BLOCKS = (16, 128, 2)
 DOWN_BLOCKS = (8, 128, 2)
 
 
