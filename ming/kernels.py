@@ -373,7 +373,7 @@ def gemv(
 @triton.jit
 def _rope_kernel(
     qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, cache_pos_ptr,
-    L: tl.constexpr, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    L, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     WRITE_CACHE: tl.constexpr,
 ):
     token = tl.program_id(0)  # b * L + l
