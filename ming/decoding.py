@@ -68,7 +68,8 @@ class DecodeStep:
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Capture on the warm-up stream: buffers the kernels keep per stream (ming.kernels._tickets) already exist.
+        with torch.cuda.graph(self.graph, stream=stream):
             self.logits = self._step()
 
     def reset(self) -> None:

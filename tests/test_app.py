@@ -352,6 +352,20 @@ def test_gpu_duration_grows_with_the_request():
     assert 15 <= short < long < spoken <= 120
 
 
+def test_the_first_gpu_job_asks_for_time_to_compile_kernels(monkeypatch):
+    import types
+
+    import torch
+
+    from ming import engine
+
+    job = engine.Job("s", [{"input_ids": torch.zeros(1, 500, dtype=torch.long)}], engine.Sampling(max_new_tokens=64))
+    monkeypatch.setattr(engine, "ENGINE", types.SimpleNamespace(gpu_jobs_done=0))
+    assert engine._job_seconds(job) == job.gpu_seconds + engine.COLD_START_SECONDS
+    monkeypatch.setattr(engine, "ENGINE", types.SimpleNamespace(gpu_jobs_done=1))
+    assert engine._job_seconds(job) == job.gpu_seconds
+
+
 def test_an_unreachable_model_falls_back_to_the_tiny_checkpoint(monkeypatch):
     from ming import engine
 
