@@ -220,6 +220,23 @@ def moe_gemv(
     return out
 
 
+@functools.cache
+def _one_expert(tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.zeros(tokens, 1, dtype=torch.long, device=device),
+        torch.ones(tokens, 1, dtype=torch.float32, device=device),
+    )
+
+
+def mlp_gemv(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A SwiGLU MLP (gate/up [I, H], down [H, I]) for a few tokens x [T, H], plus `residual`: the MoE kernels with
+    one expert of weight 1."""
+    idx, weight = _one_expert(x.shape[0], x.device)
+    return moe_gemv(x, idx, weight, w_gate[None], w_up[None], w_down[None], None, residual)
+
+
 @triton.jit
 def _rms_norm_kernel(x_ptr, delta_ptr, weight_ptr, sum_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr,
                      HAS_DELTA: tl.constexpr):
@@ -319,9 +336,9 @@ ROUTER_ROWS = 2  # gate rows per program of add_norm_route
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, norm_weight_ptr, w_ptr, out_ptr, eps,
-    K: tl.constexpr, N: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_ROW: tl.constexpr,
+    x_ptr, norm_weight_ptr, w_ptr, bias_ptr, out_ptr, eps,
+    K: tl.constexpr, N: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_STRIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -342,8 +359,11 @@ def _gemv_kernel(
             x = (scale * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1).to(dtype)  # rounded like a linear layer's output, even when stored as float32
-    tl.store(out_ptr + token * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    # Rounded like a linear layer's output, even when stored as float32.
+    tl.store(out_ptr + token * OUT_STRIDE + rows, y.to(dtype).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 GEMV_BLOCKS = (4, 512, 4)  # picked with bench/profile_decode.py on an H100 (qkv, dense and head)
@@ -355,16 +375,23 @@ def gemv(
     norm: tuple[torch.Tensor, float] | None = None,
     out_dtype: torch.dtype | None = None,
     blocks: tuple[int, int, int] | None = None,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [T, K] @ weight[N, K].T for a few rows T; with `norm` (weight, eps), RMSNorm(x) @ weight.T in the same
-    kernel. The output is rounded to the weight's dtype and stored as `out_dtype` (default x's)."""
+    """x [T, K] @ weight[N, K].T (+ bias) for a few rows T; with `norm` (weight, eps), RMSNorm(x) @ weight.T in the
+    same kernel. The output is rounded to the weight's dtype and stored as `out_dtype` (default x's), or into
+    `out` [T, N] (rows may be strided, e.g. a slice of a wider buffer)."""
     T, K = x.shape
     N = weight.shape[0]
-    out = torch.empty(T, N, dtype=out_dtype or x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(T, N, dtype=out_dtype or x.dtype, device=x.device)
+    elif out.shape != (T, N) or out.stride(-1) != 1:
+        raise ValueError(f"gemv out must be [{T}, {N}] with contiguous rows, got {tuple(out.shape)}")
     bn, bk, warps = blocks or GEMV_BLOCKS
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(T, triton.cdiv(N, bn))](
-        x.contiguous(), norm_weight, weight, out, eps, K=K, N=N, NORM=norm is not None, BLOCK_N=bn,
+        x.contiguous(), norm_weight, weight, bias if bias is not None else weight, out, eps, K=K, N=N,
+        NORM=norm is not None, HAS_BIAS=bias is not None, OUT_STRIDE=out.stride(0), BLOCK_N=bn,
         BLOCK_K=min(bk, triton.next_power_of_2(K)), BLOCK_ROW=triton.next_power_of_2(K), num_warps=warps,
     )
     return out
@@ -461,35 +488,36 @@ def _decode_attention_partial(
 @triton.jit
 def _decode_attention_combine(
     acc_ptr, max_ptr, sum_ptr, out_ptr,
-    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, D_BLOCK: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr,
+    D_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
 ):
     bh = tl.program_id(0)
     d = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
-    g = tl.arange(0, GROUP)
+    g = tl.arange(0, GROUP_P2)  # the KV head's query heads (GROUP of them), padded to a power of two
+    real = g < GROUP
     base = bh * NUM_CHUNKS * GROUP
     # Pass 1: each query head's largest score over all chunks (empty chunks hold -inf).
-    m_all = tl.full([GROUP], float("-inf"), tl.float32)
+    m_all = tl.full([GROUP_P2], float("-inf"), tl.float32)
     for c0 in range(0, NUM_CHUNKS, CHUNK_BLOCK):
         c = c0 + tl.arange(0, CHUNK_BLOCK)
         stats = base + c[:, None] * GROUP + g[None, :]
-        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None], other=float("-inf"))
+        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None] & real[None, :], other=float("-inf"))
         m_all = tl.maximum(m_all, tl.max(m, axis=0))
     # Pass 2: the chunks' partial sums, rescaled to that maximum, a block of chunks at a time.
-    total = tl.zeros([GROUP], tl.float32)
-    out = tl.zeros([GROUP, D_BLOCK], tl.float32)
+    total = tl.zeros([GROUP_P2], tl.float32)
+    out = tl.zeros([GROUP_P2, D_BLOCK], tl.float32)
     for c0 in range(0, NUM_CHUNKS, CHUNK_BLOCK):
         c = c0 + tl.arange(0, CHUNK_BLOCK)
         stats = base + c[:, None] * GROUP + g[None, :]
-        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None], other=float("-inf"))
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all[None, :]))  # [CHUNK_BLOCK, GROUP]
+        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None] & real[None, :], other=float("-inf"))
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all[None, :]))  # [CHUNK_BLOCK, GROUP_P2]
         total += tl.sum(w * tl.load(sum_ptr + stats, mask=w > 0, other=0.0), axis=0)
         acc = tl.load(acc_ptr + stats[:, :, None] * D + d[None, None, :], mask=(w > 0)[:, :, None], other=0.0)
         out += tl.sum(w[:, :, None] * acc, axis=0)
-    out = out / total[:, None]
+    out = out / tl.where(real, total, 1.0)[:, None]
     b, kv_head = bh // KV_HEADS, bh % KV_HEADS
     rows = b * Q_HEADS + kv_head * GROUP + g
-    tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
 
 DECODE_ATTENTION_CHUNK = 64  # keys per program; picked with bench/profile_decode.py
@@ -508,8 +536,6 @@ def decode_attention(
     if S % chunk or chunk & (chunk - 1):
         raise ValueError(f"decode_attention needs a power-of-two cache length (or a multiple of {chunk}), got {S}")
     group = num_heads // kv_heads
-    if group & (group - 1):
-        raise ValueError(f"decode_attention needs a power-of-two number of query heads per KV head, got {group}")
     num_chunks = S // chunk
     parts = B * kv_heads * num_chunks * group
     acc = torch.empty(parts, D, dtype=torch.float32, device=qkv.device)
@@ -522,7 +548,8 @@ def decode_attention(
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
     d_block = min(D, 32)
     _decode_attention_combine[(B * kv_heads, D // d_block)](
-        acc, maxima, sums, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group, D=D, D_BLOCK=d_block,
+        acc, maxima, sums, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group,
+        GROUP_P2=triton.next_power_of_2(group), D=D, D_BLOCK=d_block,
         NUM_CHUNKS=num_chunks, CHUNK_BLOCK=min(32, triton.next_power_of_2(num_chunks)), num_warps=4,
     )
     return out

@@ -251,3 +251,30 @@ def test_engine_serves_every_kind_of_reply_on_the_gpu(monkeypatch):
     thought = list(engine.thinking([], "What is 2 + 2?", None, sampling, "s"))
     assert thought[-1][1].done and thought[-1][0][-1].reply.strip()
     assert eng.peak_active_jobs == 1
+
+
+def test_talker_fused_decode_matches_the_plain_path_in_bf16(tmp_path):
+    """The talker's Triton decode (power-of-two cache) against its plain PyTorch decode (any other cache size), on
+    a 2-layer talker with the 0.5B shape's heads (14 query heads of 64 over 2 KV heads: a group of 7)."""
+    from ming.speech.talker import KVCache, Talker, TalkerLMConfig, TalkerTokenizer
+    from ming.speech.tiny import write_text_tokenizer
+
+    write_text_tokenizer(str(tmp_path))
+    config = TalkerLMConfig(
+        vocab_size=2048, hidden_size=896, intermediate_size=4864, num_hidden_layers=2, num_attention_heads=14,
+        num_key_value_heads=2, rope_theta=1e6,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        talker = Talker(config, TalkerTokenizer.from_dir(str(tmp_path)), 64).to(torch.bfloat16)
+    decoder = talker.model.model
+    prefix = torch.randn(1, 37, 896, device="cuda", dtype=torch.bfloat16)
+    outputs = []
+    for capacity in (1024, 1000):  # fused, plain
+        cache = KVCache(config, capacity, torch.bfloat16, torch.device("cuda"))
+        decoder.prefill(prefix, cache)
+        steps = [decoder.decode(prefix[:, i : i + 1] * 0.5, torch.tensor([37 + i], device="cuda"), cache) for i in range(4)]
+        outputs.append(torch.cat(steps, dim=1).float())
+    fused, plain = outputs
+    err = ((fused - plain).norm() / plain.norm()).item()
+    assert err < 2e-2, err
