@@ -169,6 +169,23 @@ GATE_UP_BLOCKS = (16, 128, 2)
 DOWN_BLOCKS = (8, 128, 2)
 
 
+def _gate_up(x, topk_idx, w_gate, w_up, shared) -> torch.Tensor:
+    """silu(gate) * up of every chosen expert, then of the shared one: [T, top_k * I + I_shared]."""
+    T, H = x.shape
+    I, top_k = w_gate.shape[1], topk_idx.shape[1]
+    s_gate, s_up = shared[:2] if shared is not None else (w_gate, w_up)
+    i_shared = s_gate.shape[0] if shared is not None else 0
+    h = torch.empty(T, top_k * I + i_shared, dtype=x.dtype, device=x.device)
+    bn, bk, warps = GATE_UP_BLOCKS
+    bn, bk = min(bn, triton.next_power_of_2(I)), min(bk, triton.next_power_of_2(H))
+    blocks = top_k * triton.cdiv(I, bn) + triton.cdiv(i_shared, bn)
+    _moe_gate_up_kernel[(T, blocks)](
+        x.contiguous(), topk_idx, w_gate, w_up, s_gate, s_up, h, H=H, I=I, I_SHARED=i_shared, TOP_K=top_k,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )
+    return h
+
+
 def moe_gemv(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
@@ -193,17 +210,9 @@ def moe_gemv(
     i_shared = shared[0].shape[0] if shared is not None else 0
     if i_shared % I:
         raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
-    s_gate, s_up, s_down = shared if shared is not None else (w_gate, w_up, w_down)
-    x = x.contiguous()
+    s_down = shared[2] if shared is not None else w_down
     topk_idx, topk_weight = topk_idx.contiguous(), topk_weight.float().contiguous()
-    h = torch.empty(T, top_k * I + i_shared, dtype=x.dtype, device=x.device)
-    bn, bk, warps = GATE_UP_BLOCKS
-    bn, bk = min(bn, triton.next_power_of_2(I)), min(bk, triton.next_power_of_2(H))
-    blocks = top_k * triton.cdiv(I, bn) + triton.cdiv(i_shared, bn)
-    _moe_gate_up_kernel[(T, blocks)](
-        x, topk_idx, w_gate, w_up, s_gate, s_up, h, H=H, I=I, I_SHARED=i_shared, TOP_K=top_k,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )
+    h = _gate_up(x, topk_idx, w_gate, w_up, shared)
     out = torch.empty_like(x)
     bn, bk, warps = DOWN_BLOCKS
     bn, bk = min(bn, triton.next_power_of_2(H)), min(bk, triton.next_power_of_2(I))
@@ -221,20 +230,18 @@ def moe_gemv(
 
 
 @functools.cache
-def _one_expert(tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        torch.zeros(tokens, 1, dtype=torch.long, device=device),
-        torch.ones(tokens, 1, dtype=torch.float32, device=device),
-    )
+def _one_expert(tokens: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(tokens, 1, dtype=torch.long, device=device)
 
 
 def mlp_gemv(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """A SwiGLU MLP (gate/up [I, H], down [H, I]) for a few tokens x [T, H], plus `residual`: the MoE kernels with
-    one expert of weight 1."""
-    idx, weight = _one_expert(x.shape[0], x.device)
-    return moe_gemv(x, idx, weight, w_gate[None], w_up[None], w_down[None], None, residual)
+    """A SwiGLU MLP (gate/up [I, H], down [H, I]) for a few tokens x [T, H], plus `residual`: gate/up through the
+    MoE kernel with one expert, the down projection as a GEMV (one expert alone would not fill the GPU with the
+    MoE's split-by-expert down kernel)."""
+    return gemv(_gate_up(x, _one_expert(x.shape[0], x.device), w_gate[None], w_up[None], None), w_down,
+                residual=residual)
 
 
 @triton.jit
@@ -336,8 +343,9 @@ ROUTER_ROWS = 2  # gate rows per program of add_norm_route
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, norm_weight_ptr, w_ptr, bias_ptr, out_ptr, eps,
-    K: tl.constexpr, N: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_STRIDE: tl.constexpr,
+    x_ptr, norm_weight_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, eps,
+    K: tl.constexpr, N: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    OUT_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -362,8 +370,10 @@ def _gemv_kernel(
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    # Rounded like a linear layer's output, even when stored as float32.
-    tl.store(out_ptr + token * OUT_STRIDE + rows, y.to(dtype).to(out_ptr.dtype.element_ty), mask=row_ok)
+    y = y.to(dtype)  # rounded like a linear layer's output, even when stored as float32
+    if HAS_RESIDUAL:
+        y = y + tl.load(residual_ptr + token * N + rows, mask=row_ok, other=0.0)
+    tl.store(out_ptr + token * OUT_STRIDE + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 GEMV_BLOCKS = (4, 512, 4)  # picked with bench/profile_decode.py on an H100 (qkv, dense and head)
@@ -377,10 +387,11 @@ def gemv(
     blocks: tuple[int, int, int] | None = None,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, K] @ weight[N, K].T (+ bias) for a few rows T; with `norm` (weight, eps), RMSNorm(x) @ weight.T in the
-    same kernel. The output is rounded to the weight's dtype and stored as `out_dtype` (default x's), or into
-    `out` [T, N] (rows may be strided, e.g. a slice of a wider buffer)."""
+    same kernel. The output is rounded to the weight's dtype, `residual` [T, N] added, and stored as `out_dtype`
+    (default x's), or into `out` [T, N] (rows may be strided, e.g. a slice of a wider buffer)."""
     T, K = x.shape
     N = weight.shape[0]
     if out is None:
@@ -390,8 +401,9 @@ def gemv(
     bn, bk, warps = blocks or GEMV_BLOCKS
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(T, triton.cdiv(N, bn))](
-        x.contiguous(), norm_weight, weight, bias if bias is not None else weight, out, eps, K=K, N=N,
-        NORM=norm is not None, HAS_BIAS=bias is not None, OUT_STRIDE=out.stride(0), BLOCK_N=bn,
+        x.contiguous(), norm_weight, weight, bias if bias is not None else weight,
+        residual.contiguous() if residual is not None else weight, out, eps, K=K, N=N, NORM=norm is not None,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, OUT_STRIDE=out.stride(0), BLOCK_N=bn,
         BLOCK_K=min(bk, triton.next_power_of_2(K)), BLOCK_ROW=triton.next_power_of_2(K), num_warps=warps,
     )
     return out
