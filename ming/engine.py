@@ -439,9 +439,10 @@ class Job:
     @property
     def gpu_seconds(self) -> int:
         """What to ask ZeroGPU for: start-up and prefill, plus per new token 0.02 s for text and 0.08 s more when
-        the talker, flow decoder and vocoder speak it. That is over 4x what bench/ measured on an H100 (~350
-        tokens/s decoding, speech at a real-time factor of ~0.15), as ZeroGPU gives half a larger card. Quota is
-        charged by actual use and a shorter request queues sooner; 120 s is the most a free visitor may ask for."""
+        the talker, flow decoder and vocoder speak it. That is 2.5-7x what bench/ measured on an H100 (~370
+        tokens/s decoding; speech at a real-time factor of ~0.1, ~0.3 s of speech per text token), as ZeroGPU gives
+        half a larger card. Quota is charged by actual use and a shorter request queues sooner; 120 s is the most a
+        free visitor may ask for."""
         prompt_tokens = sum(s["input_ids"].shape[1] for s in self.segments)
         per_token = 0.02 + (0.08 if self.voice else 0.0)
         seconds = 10 + prompt_tokens / 1000 + len(self.segments) * self.sampling.max_new_tokens * per_token
