@@ -212,8 +212,8 @@ class Attention(nn.Module):
 
 
 def use_fused_decode(h: torch.Tensor, cache: "KVCache") -> bool:
-    """One new bf16 position on a Hopper GPU over a power-of-two cache (the graphed sizes), with heads of at least
-    16 (a power of two: the attention kernel's tile): the Triton kernels."""
+    """One new bf16 position on an Ampere-or-newer GPU over a power-of-two cache (the graphed sizes), with heads
+    of at least 16 (a power of two: the attention kernel's tile): the Triton kernels."""
     capacity, head_dim = cache.capacity, cache.keys[0].shape[-1]
     return (
         use_triton(h) and h.shape[1] == 1 and capacity & (capacity - 1) == 0
