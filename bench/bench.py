@@ -98,6 +98,18 @@ def first_token(model: MingOmni, inputs: dict) -> Callable[[], int]:
     return run
 
 
+def decode_rate(model: MingOmni, tokens: int = 256) -> float:
+    """Decode tokens per second at batch 1: `tokens` new tokens after a 1,024-token text prompt (prefill not
+    counted)."""
+    stream = model.generate_stream(input_ids=text_prompt(1024), max_new_tokens=tokens + 1)
+    next(stream)  # the first token comes from the prefill
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = sum(1 for _ in stream)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
@@ -157,20 +169,9 @@ def main() -> None:
     results["ttft_audio_30s_ms"], results["ttft_audio_30s_peak_gib"] = 1000 * ms, peak
 
     # Decode at batch 1: tokens per second over N new tokens after a 1,024-token prompt.
-    prompt = {"input_ids": text_prompt(1024)}
-
-    def decode_rate() -> float:
-        stream = model.generate_stream(**prompt, max_new_tokens=args.decode_tokens + 1)
-        next(stream)  # the first token comes from the prefill
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n = sum(1 for _ in stream)
-        torch.cuda.synchronize()
-        return n / (time.perf_counter() - t0)
-
-    decode_rate()  # warm-up (captures the CUDA graph)
+    decode_rate(model, args.decode_tokens)  # warm-up (captures the CUDA graph)
     torch.cuda.reset_peak_memory_stats()
-    rates = [decode_rate() for _ in range(3)]
+    rates = [decode_rate(model, args.decode_tokens) for _ in range(3)]
     results["decode_tok_s"] = statistics.median(rates)
     results["decode_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     results["decode_pct_roofline"] = 100 * results["decode_tok_s"] / results["roofline_tok_s"]

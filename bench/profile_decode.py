@@ -14,12 +14,11 @@ import functools
 import json
 import os
 import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.bench import RELEASE_CONFIG, fill_random_, text_prompt
+from bench.bench import RELEASE_CONFIG, decode_rate, fill_random_, text_prompt
 from ming import kernels
 from ming.modeling import MingOmni
 
@@ -101,16 +100,6 @@ def decode_rate_with(model: MingOmni, **settings) -> float:
     rate = statistics.median(rates)
     print(f"decode (CUDA graph) {settings or 'defaults'}: {rate:.1f} tok/s (runs: {', '.join(f'{r:.1f}' for r in rates)})")
     return rate
-
-
-def decode_rate(model: MingOmni, tokens: int = 256) -> float:
-    stream = model.generate_stream(input_ids=text_prompt(1024), max_new_tokens=tokens + 1)
-    next(stream)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    n = sum(1 for _ in stream)
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
 
 
 def profile_eager_steps(model: MingOmni, steps: int = 10) -> None:

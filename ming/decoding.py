@@ -24,9 +24,20 @@ if TYPE_CHECKING:
 MIN_BUCKET = 1024
 
 
+def graphs_allowed(device: torch.device) -> bool:
+    """CUDA graphs on this device, unless MING_CUDA_GRAPHS=0 (for the thinker, the talker and the flow decoder)."""
+    return device.type == "cuda" and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
+
+
+def cache_bucket(slots: int) -> int:
+    """The power-of-two cache size, at least MIN_BUCKET, that holds `slots`: the GPU kernels read caches in
+    power-of-two chunks, and a few sizes let captured graphs be reused across requests."""
+    return max(MIN_BUCKET, 1 << (slots - 1).bit_length())
+
+
 def cuda_graphs_enabled(model: "MingOmni") -> bool:
     """Graphs need a decode step without host syncs: the bf16 GPU path (Triton kernels / grouped GEMM)."""
-    return fast_gpu_path(model) and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
+    return fast_gpu_path(model) and graphs_allowed(model.device)
 
 
 def fast_gpu_path(model: "MingOmni") -> bool:
@@ -94,11 +105,7 @@ def decode_step_for(model: "MingOmni", batch: int, needed: int) -> DecodeStep:
         raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context of {limit} tokens")
     if not fast_gpu_path(model):
         return DecodeStep(llm, batch, needed, model.dtype, device, use_graph=False)
-    # The GPU kernels read the cache in power-of-two chunks; buckets also let captured graphs be reused.
-    bucket = MIN_BUCKET
-    while bucket < needed:
-        bucket *= 2
-    bucket = min(bucket, limit)
+    bucket = min(cache_bucket(needed), limit)
     if not cuda_graphs_enabled(model):
         return DecodeStep(llm, batch, bucket, model.dtype, device, use_graph=False)
     steps: dict = model.__dict__.setdefault("_decode_steps", {})

@@ -252,10 +252,18 @@ class Experts(nn.Module):
         return out.to(x.dtype)
 
 
+FUSED_DECODE_TOKENS = 16  # up to this many tokens (decode steps, batched or not) take the fused decode kernels
+
+
+def fused_decode(x: torch.Tensor) -> bool:
+    """Whether activations x [..., H] are few enough tokens for the decode kernels (GEMVs, add + norm + route)."""
+    return use_triton(x) and x.numel() // x.shape[-1] <= FUSED_DECODE_TOKENS
+
+
 def decode_gemv(x: torch.Tensor, linear: nn.Linear) -> bool:
-    """Whether `linear` on x (a few tokens) runs as a Triton GEMV: faster than cuBLAS at batch 1 and lets the
-    preceding RMSNorm run inside it."""
-    return use_triton(x) and linear.bias is None and x.numel() // x.shape[-1] <= 16
+    """Whether `linear` on x runs as a Triton GEMV: faster than cuBLAS at batch 1 and lets the preceding RMSNorm
+    run inside it."""
+    return fused_decode(x) and linear.bias is None
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -367,7 +375,7 @@ class DecoderLayer(nn.Module):
         if not isinstance(self.mlp, SparseMoeBlock):
             x, h = norm.add_and_norm(x, attention)
             return x + self.mlp(h)
-        if use_triton(x) and router_ids is None and x.shape[0] * x.shape[1] <= 16:
+        if fused_decode(x) and router_ids is None:
             # Decode: the residual add, the norm, the (text) gate and the routing in one kernel.
             B, L, H = x.shape
             moe = self.mlp

@@ -15,12 +15,13 @@ runs it (batch 1); padding masks therefore reduce to all-ones and are left out.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..decoding import graphs_allowed
 
 
 @dataclass
@@ -484,7 +485,7 @@ class ConditionalFlowMatching(nn.Module):
             t = t_grid[step].expand(mu.shape[0])
             x_in = x.to(dtype).expand(mu.shape[0], -1, -1)
             velocity = estimate(x_in, mu, t, speaker, cond).float()
-            if step == 0 and n_timesteps > 1 and use_cuda_graph(x):
+            if step == 0 and n_timesteps > 1 and graphs_allowed(x.device):
                 # Every step runs the U-Net on the same shapes: after this first (warm-up) step, capture it once
                 # and replay it, one launch instead of about a thousand per step.
                 estimate = GraphedEstimator(self.estimator, x_in, mu, t, speaker, cond)
@@ -493,10 +494,6 @@ class ConditionalFlowMatching(nn.Module):
                 velocity = (1.0 + self.cfg_rate) * conditional - self.cfg_rate * unconditional
             x = x + (t_grid[step + 1] - t_grid[step]) * velocity
         return x
-
-
-def use_cuda_graph(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
 
 
 class GraphedEstimator:

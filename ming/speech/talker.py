@@ -32,6 +32,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import nn
 
+from ..decoding import cache_bucket, graphs_allowed
 from ..llm import MLP, RMSNorm, use_triton
 
 try:  # Triton comes with CUDA builds of torch; the CPU path never needs it.
@@ -177,7 +178,6 @@ class Attention(nn.Module):
         """x: [1, n, H] at cache `slots` [n]. mask None: x is a whole sequence from slot 0 and attends causally to
         itself; otherwise mask [1, 1, 1, capacity] says which cache slots the (single) new position sees."""
         _, n, _ = x.shape
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         q = self.q_proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -270,8 +270,10 @@ class Qwen2Decoder(nn.Module):
     def _run(self, h: torch.Tensor, slots: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
         angles = slots.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos()[None], angles.sin()[None]  # float32 [1, n, head_dim]
+        cos, sin = angles.cos()[None], angles.sin()[None]  # [1, n, head_dim]
         fused = mask is not None and use_fused_decode(h, cache)
+        if not fused:  # the fused kernels rotate in float32; the plain path in the activation dtype, as released
+            cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
             if fused:
                 h = layer.fused_decode(h, cos, sin, keys, values, slots, cache.valid)
@@ -290,13 +292,6 @@ class TalkerLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- the talker
-MIN_GRAPHED_CAPACITY = 1024
-
-
-def cuda_graphs_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
-
-
 class DecodeStep:
     """One talker step with static shapes: (audio id, text id) at a cache slot -> the top-k candidates for the next
     token. Its inputs live in fixed buffers, so on a GPU the step is captured once per cache and replayed as a
@@ -312,7 +307,7 @@ class DecodeStep:
         self.eos_penalty = torch.zeros((), device=device)  # -inf while <audio_eos> is refused
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        if cuda_graphs_enabled(device):
+        if graphs_allowed(device):
             self._capture()
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,10 +475,10 @@ class Talker(nn.Module):
         With CUDA graphs they are kept per power-of-two size and reused by later replies, as the thinker's are:
         capturing a step costs two eager steps and a capture (~0.1 s) that would otherwise delay every reply's
         first sound. So a talker speaks one reply at a time (the app runs one GPU job at a time)."""
-        if not cuda_graphs_enabled(self.device):
+        if not graphs_allowed(self.device):
             cache = KVCache(self.config, slots, self.dtype, self.device)
             return cache, DecodeStep(self, cache)
-        capacity = max(MIN_GRAPHED_CAPACITY, 1 << (slots - 1).bit_length())
+        capacity = cache_bucket(slots)
         steps: dict[int, tuple[KVCache, DecodeStep]] = self.__dict__.setdefault("_decode_steps", {})
         if capacity not in steps:
             cache = KVCache(self.config, capacity, self.dtype, self.device)
