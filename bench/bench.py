@@ -17,18 +17,17 @@ import json
 import os
 import statistics
 import time
-import zlib
 from collections.abc import Callable
 
 import torch
 
 from ming.audio import AudioFrontend
-from ming.configs import MingConfig
+from ming.configs import RELEASE_CONFIG, MingConfig
 from ming.llm import expert_active_parameters
 from ming.loading import release_targets
 from ming.modeling import MingOmni
+from ming.testing.weights import seeded_generator
 
-RELEASE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "ming", "data", "config.json")
 PATCH, HUMAN, ASSISTANT = 126346, 126340, 126341  # <imagePatch>; <role>/</role> stand in for the chat markup
 AUDIO_PATCH = 126357
 
@@ -38,7 +37,7 @@ def fill_random_(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for key, (param, index) in release_targets(model).items():
             dest = param if index is None else param[index]
-            g = torch.Generator(device=dest.device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            g = seeded_generator(key, seed, dest.device)
             if key.endswith("norm.weight") or "layernorm" in key or key.endswith(("norm1.weight", "norm2.weight")):
                 dest.fill_(1.0)
             elif key.endswith("bias"):

@@ -28,7 +28,7 @@ from ming.speech.flow import FlowConfig, FlowDecoder
 from ming.speech.hift import HiFTConfig, HiFTGenerator
 from ming.speech.streaming import SpeechGenerator
 from ming.speech.talker import Talker, TalkerLMConfig, TalkerTokenizer
-from ming.speech.tiny import write_text_tokenizer
+from ming.testing.speech import write_text_tokenizer
 from ming.speech.voices import VoiceBank
 
 TALKER_SIZES = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -143,8 +144,27 @@ def kaldi_mel_banks() -> torch.Tensor:
     return F.pad(banks, (0, 1))  # the Nyquist bin gets no weight
 
 
+WindowKind = Literal["hamming", "povey"]
+
+
+def kaldi_window(kind: WindowKind) -> torch.Tensor:
+    """Kaldi's analysis window [400], symmetric (periodic=False) as Kaldi builds it.
+
+    "hamming": what the Preview's audio encoder was trained with. "povey" (Kaldi's default, a Hann window raised
+    to 0.85): what CAM++ speaker embeddings are computed with."""
+    if kind == "hamming":
+        return torch.hamming_window(FRAME_LENGTH, periodic=False, alpha=0.54, beta=0.46)
+    if kind == "povey":
+        return torch.hann_window(FRAME_LENGTH, periodic=False).pow(0.85)
+    raise ValueError(f"unknown fbank window {kind!r}; expected 'hamming' or 'povey'")
+
+
 def kaldi_fbank(waveform: torch.Tensor, mel_banks: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Log-mel filterbank [frames, 80] of a float32 waveform already scaled to the int16 range."""
+    """Log-mel filterbank [frames, 80] of a float32 waveform (Kaldi's defaults: 25/10 ms frames, `snip_edges`,
+    DC removal, pre-emphasis 0.97, power spectrum, log floored at float32 eps, no dither).
+
+    The waveform's scale only matters where energies reach the log floor: the audio encoder feeds the int16 range
+    (x32768, as its training did), CAM++ feeds [-1, 1] (as CosyVoice and 3D-Speaker do)."""
     frames = waveform.unfold(0, FRAME_LENGTH, FRAME_SHIFT)  # snip_edges: whole frames only
     frames = frames - frames.mean(dim=1, keepdim=True)  # DC removal, per frame
     # Pre-emphasis inside each frame; the first sample uses itself as its predecessor.
@@ -193,7 +213,7 @@ class AudioFrontend:
         self.shift = shift.detach().float().reshape(-1)
         self.scale = scale.detach().float().reshape(-1)
         self.mel_banks = kaldi_mel_banks()
-        self.window = torch.hamming_window(FRAME_LENGTH, periodic=False, alpha=0.54, beta=0.46)
+        self.window = kaldi_window("hamming")
 
     def __call__(self, waveform_16k: torch.Tensor) -> torch.Tensor:
         """waveform [samples] float in [-1, 1] at 16 kHz -> features [num_audio_tokens(samples), 560] float32.

@@ -1,7 +1,7 @@
 """Configuration classes that read the released Ming-Lite-Omni-Preview `config.json` as it is.
 
 Field names are the release's own (`llm_config`, `vision_config`, `audio_config`, `mlp_depth`, ...), so a
-config.json written by the release, by `ming.tiny`, or by `MingConfig.save` round-trips unchanged. Unknown keys
+config.json written by the release, by `ming.testing.tiny`, or by `MingConfig.save` round-trips unchanged. Unknown keys
 are kept in `extra` and written back, never dropped.
 """
 
@@ -12,6 +12,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+# The release's config.json and preprocessor settings ship with the package (see data/README.md).
+RELEASE_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+RELEASE_CONFIG = os.path.join(RELEASE_DATA_DIR, "config.json")
 
 
 def _from_dict(cls, data: dict[str, Any]):

@@ -5,6 +5,8 @@ wrong, so the UI can show it as is. The sampling and resizing rules follow the M
   * images: RGB PIL images (the processor resizes them),
   * video: about 2 frames per second ("duration x 2" frames, uniform bin midpoints), clamped to [4, 128], even,
     each frame resized bicubic + antialias within per-frame pixel bounds,
+  * long video (ours, not the reference's): a rate that falls with length (`long_video_timestamps`), frames read
+    by timestamp with seeking so an hours-long file is never decoded whole (`read_frames_at`),
   * audio: float32 mono at 16 kHz, keeping the FIRST channel of multi-channel audio (the reference does not downmix).
 """
 
@@ -34,7 +36,8 @@ MAX_ASPECT_RATIO = 200
 # Video: ~2 frames per second, between 4 and 128 frames, an even count (frames are paired into temporal patches).
 VIDEO_FPS = 2.0
 VIDEO_MIN_FRAMES = 4
-VIDEO_MAX_FRAMES = 128
+PROCESSOR_MAX_FRAMES = 128  # the reference processor's cap when a request names no max_frames
+DEMO_MAX_FRAMES = 64  # the cap the release's own demo passes as max_frames; our UI's short-clip path uses it too
 VIDEO_FRAME_FACTOR = 2
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
@@ -147,9 +150,9 @@ def _image_from_array(array: np.ndarray) -> Image.Image:
 # -------------------------------------------------------------------------------------------------------------- video
 
 def num_video_frames(total_frames: int, fps: float, max_frames: int | None = None) -> int:
-    """Frames to sample: duration x 2, capped at `max_frames` (default 128), at least 4, always even."""
+    """Frames to sample: duration x 2, capped at `max_frames` (default PROCESSOR_MAX_FRAMES), at least 4, even."""
     at_two_fps = int(total_frames / fps * VIDEO_FPS)
-    cap = max_frames if max_frames is not None else min(VIDEO_MAX_FRAMES, at_two_fps)
+    cap = max_frames if max_frames is not None else min(PROCESSOR_MAX_FRAMES, at_two_fps)
     cap = cap // VIDEO_FRAME_FACTOR * VIDEO_FRAME_FACTOR
     count = max(min(at_two_fps, cap), VIDEO_MIN_FRAMES)
     return count // VIDEO_FRAME_FACTOR * VIDEO_FRAME_FACTOR

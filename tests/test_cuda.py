@@ -10,7 +10,8 @@ import torch
 
 from ming.llm import Experts
 from ming.modeling import MingOmni
-from ming.tiny import build_tiny_checkpoint, tiny_config, tiny_tensor
+from ming.testing.tiny import build_tiny_checkpoint, tiny_config
+from ming.testing.weights import tiny_tensor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -187,7 +188,7 @@ def test_flow_decoder_graph_replay_matches_eager(tiny_dir, monkeypatch):
 
     from ming.speech.detokenizer import AudioDetokenizer
 
-    from ming.speech.tiny import write_tiny_speech_assets
+    from ming.testing.speech import write_tiny_speech_assets
 
     write_tiny_speech_assets(tiny_dir)
     detokenizer = AudioDetokenizer.from_pretrained(os.path.join(tiny_dir, "talker"), device="cuda")
@@ -203,7 +204,7 @@ def test_talker_graph_is_reused_across_replies_and_matches_eager(tiny_dir, monke
     """Later replies replay the step captured for the first (no capture delay before their first sound), and
     speak exactly what eager steps speak."""
     from ming.speech import SpeechGenerator
-    from ming.speech.tiny import write_tiny_speech_assets
+    from ming.testing.speech import write_tiny_speech_assets
 
     write_tiny_speech_assets(tiny_dir)
     speech = SpeechGenerator.from_pretrained(tiny_dir, device="cuda")
@@ -257,7 +258,7 @@ def test_talker_fused_decode_matches_the_plain_path_in_bf16(tmp_path):
     """The talker's Triton decode (power-of-two cache) against its plain PyTorch decode (any other cache size), on
     a 2-layer talker with the 0.5B shape's heads (14 query heads of 64 over 2 KV heads: a group of 7)."""
     from ming.speech.talker import KVCache, Talker, TalkerLMConfig, TalkerTokenizer
-    from ming.speech.tiny import write_text_tokenizer
+    from ming.testing.speech import write_text_tokenizer
 
     write_text_tokenizer(str(tmp_path))
     config = TalkerLMConfig(

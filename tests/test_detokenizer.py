@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ming.speech.detokenizer import AudioDetokenizer, read_yaml, write_tiny_detokenizer
+from ming.speech.detokenizer import AudioDetokenizer, read_yaml
+from ming.testing.speech import write_tiny_detokenizer
 from ming.speech.flow import FlowConfig, mel_frame_count
 from ming.speech.hift import HiFTConfig, fold_weight_norm
 

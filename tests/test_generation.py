@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ming.modeling import MingOmni
-from ming.tiny import build_tiny_checkpoint
+from ming.testing.tiny import build_tiny_checkpoint
 
 EOS = 126081
 

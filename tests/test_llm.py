@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from ming.generation import NgramGuard, SamplingConfig, select_next_token
 from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, RMSNorm, SparseMoeBlock, apply_rope, decode_mask, prefill_mask
-from ming.tiny import tiny_config, tiny_tensor
+from ming.testing.tiny import tiny_config
+from ming.testing.weights import tiny_tensor
 
 
 def tiny_llm() -> BailingMoeForCausalLM:

@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from ming.loading import CheckpointError, save_release_weights
 from ming.modeling import MingOmni
-from ming.tiny import RELEASE_CONFIG, build_tiny_checkpoint
+from ming.configs import RELEASE_CONFIG
+from ming.testing.tiny import build_tiny_checkpoint
 
 PROMPT = torch.tensor([[126340, 100, 200, 300, 126341, 126340, 5, 126341]])
 

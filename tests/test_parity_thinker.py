@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ming import MingOmni, MingProcessor
-from ming.tiny import build_tiny_checkpoint
+from ming.testing.tiny import build_tiny_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_DIR = FIXTURES / "thinker"

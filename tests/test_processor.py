@@ -24,7 +24,7 @@ from ming.processor import (
     asr_messages,
     thinking_messages,
 )
-from ming.tokenizer import VOCAB_SIZE, load_special_tokens, write_tiny_tokenizer
+from ming.testing.tokenizer import VOCAB_SIZE, load_special_tokens, write_tiny_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "processor"
 IMAGE, VIDEO, CHIRP = FIXTURES / "image.png", FIXTURES / "video.mp4", FIXTURES / "chirp.wav"

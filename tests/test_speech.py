@@ -31,7 +31,7 @@ from ming.speech.streaming import (
     units,
 )
 from ming.speech.talker import KVCache, Talker
-from ming.speech.tiny import write_tiny_speech_assets, write_tiny_talker
+from ming.testing.speech import write_tiny_speech_assets, write_tiny_talker
 from ming.speech.voices import BUNDLED_VOICES_DIR
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "speech")
@@ -443,7 +443,7 @@ def test_tts_unknown_voice(speech):
 def test_speech_to_speech_on_the_tiny_checkpoint(tmp_path):
     """Audio question in; the thinker's streamed text feeds the talker; audio chunks come out while it writes."""
     from ming import MingOmni, MingProcessor
-    from ming.tiny import build_tiny_checkpoint
+    from ming.testing.tiny import build_tiny_checkpoint
 
     ckpt = build_tiny_checkpoint(str(tmp_path / "tiny"))
     processor = MingProcessor.from_pretrained(ckpt)

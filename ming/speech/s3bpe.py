@@ -29,12 +29,6 @@ def read_char_mapping(path: str | os.PathLike) -> dict[int, str]:
     return mapping
 
 
-def write_char_mapping(path: str | os.PathLike, mapping: dict[int, str]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for s3_id in sorted(mapping):
-            f.write(f"{s3_id}\t{mapping[s3_id]}\n")
-
-
 class S3BpeCodec:
     """Converts between S3 speech tokens and the talker's BPE ids (ids counted from 0, without the talker's
     text-vocabulary offset)."""

@@ -25,10 +25,12 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer
 
+from ..configs import RELEASE_DATA_DIR
+
 VOCAB_SIZE = 126464
 FIRST_SPECIAL_ID = 126080
 
-DATA_DIR = os.path.join(os.path.dirname(__file__), "data", "tokenizer")
+DATA_DIR = os.path.join(RELEASE_DATA_DIR, "tokenizer")
 
 # Split text into words / numbers / punctuation runs before byte-level BPE (the GPT-4 style pattern).
 SPLIT_PATTERN = (

@@ -1,27 +1,28 @@
-"""Write a tiny random-weight checkpoint in the release's layout: `python -m ming.tiny OUT_DIR`.
+"""Write a tiny random-weight checkpoint in the release's layout: `python -m ming.testing.tiny OUT_DIR`.
 
 Same config structure, key names, special-token ids and vocab size as the real Ming-Lite-Omni-Preview, with small
 layers, so tests, CI and the offline demo exercise exactly the loading and inference code the real model uses.
-Every tensor is drawn from a generator seeded by (seed, crc32(key)): the weights depend only on the key names and
-shapes, never on module construction order, so the same checkpoint comes out on every machine.
+Every tensor comes from `ming.testing.weights.tiny_tensor` (seeded by key name), so the same checkpoint comes out on
+every machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import zlib
+import shutil
 
 import torch
 from safetensors.torch import save_file
 
-from .configs import MingConfig
+from ..audio import write_cmvn
+from ..configs import RELEASE_CONFIG, RELEASE_DATA_DIR, MingConfig
+from ..modeling import MingOmni
+from .speech import write_tiny_speech_assets
+from .tokenizer import write_tiny_tokenizer
+from .weights import SEED, tiny_tensor
 
-SEED = 1234
 TINY_MARKER = "tiny_random_weights"  # config.json key: the UI shows a banner when it is set
-
-
-RELEASE_CONFIG = os.path.join(os.path.dirname(__file__), "data", "config.json")
 
 
 def tiny_config() -> MingConfig:
@@ -49,28 +50,8 @@ def is_tiny_checkpoint(folder: str) -> bool:
         return False
 
 
-def tiny_tensor(key: str, shape: tuple[int, ...], seed: int = SEED) -> torch.Tensor:
-    """A deterministic float32 tensor for one release key, scaled so activations stay O(1) through the network."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-    noise = torch.randn(shape, generator=generator)
-    is_norm = any(n in key for n in ("norm", "ln_q", "layernorm")) and key.endswith("weight")
-    if is_norm:
-        return 1.0 + 0.1 * noise
-    if key.endswith("bias"):
-        return 0.05 * noise
-    if len(shape) == 1:
-        return 0.1 * noise
-    fan_in = 1
-    for d in shape[1:]:  # [out, in, *kernel] for linear / conv weights, [vocab, hidden] for embeddings
-        fan_in *= d
-    return noise / fan_in**0.5
-
-
 def build_tiny_checkpoint(out_dir: str, with_speech: bool = True) -> str:
     """Write the tiny checkpoint into `out_dir` (created if needed) and return it."""
-    from .audio import write_cmvn
-    from .modeling import MingOmni
-    from .tokenizer import write_tiny_tokenizer
 
     os.makedirs(out_dir, exist_ok=True)
     config = tiny_config()
@@ -88,18 +69,13 @@ def build_tiny_checkpoint(out_dir: str, with_speech: bool = True) -> str:
     write_tiny_tokenizer(out_dir)
     _copy_release_data(out_dir)
     if with_speech:
-        from .speech.tiny import write_tiny_speech_assets
-
         write_tiny_speech_assets(out_dir)
     return out_dir
 
 
 def _copy_release_data(out_dir: str) -> None:
     """The release's preprocessor settings ship with the package (ming/data) and go into every checkpoint."""
-    import shutil
-
-    data = os.path.join(os.path.dirname(__file__), "data")
-    src = os.path.join(data, "preprocessor_config.json")
+    src = os.path.join(RELEASE_DATA_DIR, "preprocessor_config.json")
     if os.path.exists(src):
         shutil.copy(src, os.path.join(out_dir, "preprocessor_config.json"))
 
