@@ -15,6 +15,7 @@ import io
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterator, Union
 
@@ -290,6 +291,155 @@ def video_duration(source: MediaSource) -> float:
         raise MediaError(f"Could not read video '{name}': the file is damaged or not a supported video ({error}).") \
             from None
     raise MediaError(f"Could not read video '{name}': its duration is unknown.")
+
+
+# --------------------------------------------------------------------------------------------------------- long video
+
+ProgressFn = Callable[[float, str], None]  # (fraction done in [0, 1], stage name) -> None
+
+# Long videos are sampled more sparsely the longer they are: (up to this many seconds, frames per second). Two
+# frames per second for ten minutes is 600 frame pairs; an hour at one per second is 1,800 pairs; past an hour the
+# rate halves again, and LONG_VIDEO_MAX_FRAMES caps the total whatever the length (the ViT's cost is per frame).
+LONG_VIDEO_RATES = ((10 * 60.0, 2.0), (60 * 60.0, 1.0), (math.inf, 0.5))
+LONG_VIDEO_MAX_FRAMES = 7200
+# Decode forward rather than seek while the next wanted frame is this close (seconds): a seek restarts at the
+# keyframe before the target, which costs more than decoding a short gap. The reader raises it per file when seeks
+# land before where it already was (long keyframe intervals).
+SEEK_MIN_GAP = 2.0
+
+
+def long_video_fps(seconds: float) -> float:
+    """Frames per second sampled from a long video of this duration (LONG_VIDEO_RATES)."""
+    return next(rate for limit, rate in LONG_VIDEO_RATES if seconds <= limit)
+
+
+def long_video_timestamps(seconds: float, max_frames: int = LONG_VIDEO_MAX_FRAMES) -> list[float]:
+    """Sample times (seconds from the start) for a long video: bin midpoints, as the short path's frame indices, at
+    `long_video_fps`, an even count in [VIDEO_MIN_FRAMES, max_frames]."""
+    if not seconds > 0:
+        raise MediaError("The video's duration is unknown or zero.")
+    count = min(round(seconds * long_video_fps(seconds)), max_frames)
+    count = max(count // VIDEO_FRAME_FACTOR * VIDEO_FRAME_FACTOR, VIDEO_MIN_FRAMES)
+    return [(i + 0.5) * seconds / count for i in range(count)]
+
+
+@dataclass
+class DecodeStats:
+    """What reading a long video cost: frames decoded (wanted or not) and seeks made."""
+
+    decoded: int = 0
+    seeks: int = 0
+
+
+def video_stream_size(source: MediaSource) -> tuple[int, int]:
+    """(height, width) of the first video stream, from the header (no decoding)."""
+    name = _name(source)
+    try:
+        with av.open(_open_source(source)) as container:
+            if not container.streams.video:
+                raise MediaError(f"Could not read video '{name}': the file has no video stream.")
+            context = container.streams.video[0].codec_context
+            return int(context.height), int(context.width)
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise MediaError(f"Could not read video '{name}': the file is damaged or not a supported video ({error}).") \
+            from None
+
+
+@dataclass(frozen=True)
+class LongVideoPlan:
+    """Which frames of a long video to read, and the size they are scaled to (as `video_frame_size` gives)."""
+
+    seconds: float
+    timestamps: list[float]
+    height: int
+    width: int
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.timestamps) // VIDEO_FRAME_FACTOR
+
+
+def plan_long_video(source: MediaSource, max_frames: int = LONG_VIDEO_MAX_FRAMES) -> LongVideoPlan:
+    """Sample times and frame size for a long video, from its header alone."""
+    seconds = video_duration(source)
+    timestamps = long_video_timestamps(seconds, max_frames)
+    height, width = video_stream_size(source)
+    return LongVideoPlan(seconds, timestamps, *video_frame_size(height, width, len(timestamps)))
+
+
+def read_frames_at(
+    source: MediaSource,
+    timestamps: list[float],
+    size: tuple[int, int] | None = None,
+    progress: ProgressFn | None = None,
+    stats: DecodeStats | None = None,
+) -> Iterator[np.ndarray]:
+    """The frame shown at each of `timestamps` (ascending seconds), RGB uint8 [H, W, 3], decoded with PyAV.
+
+    A far-away target is reached by seeking to the keyframe before it and decoding forward from there, so the cost
+    grows with the number of samples, not with the file's length. Nearby targets are decoded forward without a
+    seek. Past the last decodable frame, the last frame is repeated. `size` (height, width) has FFmpeg scale the
+    frame while converting it (bicubic; its filter widens when shrinking, so it is antialiased): several times
+    cheaper than converting a 720p frame whole and resizing it in torch, which matters at thousands of frames.
+    `progress` gets (fraction, "sampling")."""
+    name = _name(source)
+    stats = stats if stats is not None else DecodeStats()
+    try:
+        with av.open(_open_source(source)) as container:
+            if not container.streams.video:
+                raise MediaError(f"Could not read video '{name}': the file has no video stream.")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame- and slice-threaded decoding (the decode releases the GIL)
+            interval = 1.0 / float(stream.average_rate) if stream.average_rate else 0.04
+            base = stream.time_base
+            origin = float(stream.start_time * base) if stream.start_time is not None and base else 0.0
+            frames, seek_gap = container.decode(stream), SEEK_MIN_GAP
+            ahead = ahead_time = last = None  # the decoded frame not yet passed, its time; the one before it
+            position = -math.inf  # time of the newest decoded frame
+            for done, target in enumerate(timestamps):
+                sought_from = None
+                if base and target - position > seek_gap:
+                    try:
+                        container.seek(int((origin + target) / base), stream=stream, backward=True)
+                    except (av.FFmpegError, OSError, ValueError):
+                        seek_gap = math.inf  # not seekable: decode forward from here on
+                    else:
+                        frames, ahead, sought_from, stats.seeks = container.decode(stream), None, position, \
+                            stats.seeks + 1
+                # Decode forward to the first frame still on screen at `target`. It is kept as `ahead`, not
+                # consumed: the next target may fall within the same frame.
+                while ahead is None or ahead_time <= target - interval * 0.999:
+                    if ahead is not None:
+                        last, ahead = ahead, None
+                    ahead = next(frames, None)
+                    if ahead is None:
+                        break  # end of stream: the last frame stays on screen
+                    stats.decoded += 1
+                    ahead_time = (float(ahead.pts * base) - origin if ahead.pts is not None and base
+                                  else position + interval)
+                    if sought_from is not None:
+                        # The first frame after a seek is the keyframe it landed on. Landing at or before where we
+                        # already were means keyframes are further apart than this gap: seek less eagerly.
+                        if ahead_time <= sought_from:
+                            seek_gap = max(seek_gap, target - ahead_time)
+                        sought_from = None
+                    position = ahead_time
+                frame = ahead if ahead is not None else last
+                if frame is None:
+                    raise MediaError(f"Could not read video '{name}': no decodable frames.")
+                if progress is not None:
+                    progress((done + 1) / len(timestamps), "sampling")
+                if size is None:
+                    yield frame.to_ndarray(format="rgb24")
+                else:
+                    yield frame.to_ndarray(format="rgb24", height=size[0], width=size[1], interpolation="BICUBIC")
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as error:
+        raise MediaError(f"Could not read video '{name}': the file is damaged or not a supported video ({error}).") \
+            from None
 
 
 # -------------------------------------------------------------------------------------------------------------- audio

@@ -54,6 +54,7 @@ SYSTEM_PREFIX = "<role>SYSTEM</role>"
 IMAGE_PATCH = "<imagePatch>"
 AUDIO_PATCH = "<audioPatch>"
 AUDIO_START = "<audio>"
+VIDEO_START, VIDEO_END = "<video>", "</video>"
 END_OF_TEXT = "<|endoftext|>"
 
 # Image pixel bounds of the first resize (the reference's fetch_image); the second comes from preprocessor_config.
@@ -103,6 +104,25 @@ def _content_items(content: Any) -> list[dict]:
         if item["type"] not in item:
             raise ValueError(f"Content item of type {item['type']!r} has no {item['type']!r} field.")
     return items
+
+
+def video_processor_size(height: int, width: int) -> tuple[int, int]:
+    """The image processor's second resize of video frames (the reference resizes sampled frames twice)."""
+    return smart_resize(height, width, IMAGE_FACTOR, VIDEO_PROCESSOR_MIN_PIXELS, VIDEO_PROCESSOR_MAX_PIXELS)
+
+
+@dataclass
+class VideoPrompt:
+    """A conversation about one video, split where a cached video prefix ends (see `MingProcessor.video_prompt`).
+
+    head_ids + <imagePatch> x N + tail_ids + continuation_ids is the token sequence `MingProcessor.__call__` would
+    build (the split falls on special tokens, so the pieces tokenize exactly as the whole)."""
+
+    video: Any  # the video item's source
+    max_frames: int | None
+    head_ids: torch.Tensor  # [1, n]: system turn, "<role>HUMAN</role>", text before the video, "<video>"
+    tail_ids: torch.Tensor  # [1, 1]: "</video>"
+    continuation_ids: torch.Tensor  # [1, m]: "\n", the rest of the conversation, the generation prompt
 
 
 # ----------------------------------------------------------------------------------------------------- pixels
@@ -235,11 +255,18 @@ class MingProcessor:
     def video_patches(self, video: Any, max_frames: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """One video -> patches [N, 1176], grid (frames / 2, h, w). Frames are sampled at ~2 fps and resized
         (torch bicubic + antialias) by `load_video`; the image processor's second bounds may resize them again."""
+        return self.frames_to_patches(self.video_frames(video, max_frames))
+
+    def video_frames(self, video: Any, max_frames: int | None = None) -> np.ndarray:
+        """The sampled frames of a video as the model sees them, uint8 [T, H, W, 3] (before normalisation)."""
         frames = load_video(video, max_frames=max_frames)
-        height, width = smart_resize(frames.shape[1], frames.shape[2], IMAGE_FACTOR,
-                                     VIDEO_PROCESSOR_MIN_PIXELS, VIDEO_PROCESSOR_MAX_PIXELS)
+        height, width = video_processor_size(frames.shape[1], frames.shape[2])
         if (height, width) != frames.shape[1:3]:
             frames = np.stack([np.asarray(_pil_bicubic(Image.fromarray(f), height, width)) for f in frames])
+        return frames
+
+    def frames_to_patches(self, frames: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """uint8 frames [T, H, W, 3] (T even, sides multiples of 28) -> patches [N, 1176], grid (T / 2, h, w)."""
         return _patchify(_normalize(frames, self.vision), self.vision)
 
     def audio_features(self, item: dict) -> torch.Tensor:
@@ -277,45 +304,24 @@ class MingProcessor:
         video_grid_thw], [audio_feats, audio_feats_lengths, audio_placeholder_loc_lens]}, batch of one.
 
         `system_prompt` overrides a SYSTEM message (as the reference tokenizer's `system or sys_msg`)."""
-        turns: list[tuple[str, list[dict]]] = []
-        for message in messages:
-            role, items = _role(message), _content_items(message["content"])
-            if role == "SYSTEM":
-                if system_prompt is None:
-                    system_prompt = "".join(i["text"] for i in items if i["type"] == "text")
-            else:
-                turns.append((role, items))
-        self._check_limits(turns)
-
+        turns, system_prompt = self._turns(messages, system_prompt)
         images, videos, audios = [], [], []
-        text = ""
-        for role, items in turns:
-            if role == "ASSISTANT":
-                text += ASSISTANT_PREFIX
-            for item in items:
-                kind = item["type"]
-                if kind == "text":
-                    text += item["text"]
-                elif kind == "image":
-                    placeholders = []
-                    for image in item["image"] if isinstance(item["image"], list) else [item["image"]]:
-                        images.append(self.image_patches(image))
-                        placeholders.append("<image>" + IMAGE_PATCH * self._num_tokens(images[-1][1]) + "</image>\n")
-                    text += "\n".join(placeholders)
-                elif kind == "video":
-                    videos.append(self.video_patches(item["video"], max_frames=item.get("max_frames")))
-                    text += "<video>" + IMAGE_PATCH * self._num_tokens(videos[-1][1]) + "</video>\n"
-                else:
-                    audio_item = dict(item, audio=item["audio"][0]) if isinstance(item["audio"], list) else item
-                    audios.append(self.audio_features(audio_item))
-                    text += AUDIO_START + AUDIO_PATCH * audios[-1].shape[0] + "</audio>"
-            if role == "ASSISTANT":
-                text += HUMAN_PREFIX
-        if add_generation_prompt:
-            text += ASSISTANT_PREFIX
-        prefix = HUMAN_PREFIX if system_prompt is None else SYSTEM_PREFIX + system_prompt + HUMAN_PREFIX
-        text = prefix + text
 
+        def placeholder(kind: str, item: dict) -> str:
+            if kind == "image":
+                placeholders = []
+                for image in item["image"] if isinstance(item["image"], list) else [item["image"]]:
+                    images.append(self.image_patches(image))
+                    placeholders.append("<image>" + IMAGE_PATCH * self._num_tokens(images[-1][1]) + "</image>\n")
+                return "\n".join(placeholders)
+            if kind == "video":
+                videos.append(self.video_patches(item["video"], max_frames=item.get("max_frames")))
+                return VIDEO_START + IMAGE_PATCH * self._num_tokens(videos[-1][1]) + VIDEO_END + "\n"
+            audio_item = dict(item, audio=item["audio"][0]) if isinstance(item["audio"], list) else item
+            audios.append(self.audio_features(audio_item))
+            return AUDIO_START + AUDIO_PATCH * audios[-1].shape[0] + "</audio>"
+
+        text = self._render(turns, system_prompt, add_generation_prompt, placeholder)
         input_ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False).ids], dtype=torch.long)
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if images:
@@ -331,6 +337,66 @@ class MingProcessor:
             inputs["audio_feats_lengths"] = torch.tensor([[feats.shape[0]]], dtype=torch.long)
             inputs["audio_placeholder_loc_lens"] = torch.tensor([[[start, feats.shape[0]]]], dtype=torch.long)
         return inputs
+
+    def _turns(self, messages: Sequence[dict], system_prompt: str | None) -> tuple[list, str | None]:
+        """(role, items) of the non-system messages, and the system prompt (the argument wins over a message)."""
+        turns: list[tuple[str, list[dict]]] = []
+        for message in messages:
+            role, items = _role(message), _content_items(message["content"])
+            if role == "SYSTEM":
+                if system_prompt is None:
+                    system_prompt = "".join(i["text"] for i in items if i["type"] == "text")
+            else:
+                turns.append((role, items))
+        self._check_limits(turns)
+        return turns, system_prompt
+
+    @staticmethod
+    def _render(turns: list, system_prompt: str | None, add_generation_prompt: bool, placeholder) -> str:
+        """The prompt string; `placeholder(kind, item)` gives each media item's text (and may load it)."""
+        text = ""
+        for role, items in turns:
+            if role == "ASSISTANT":
+                text += ASSISTANT_PREFIX
+            for item in items:
+                text += item["text"] if item["type"] == "text" else placeholder(item["type"], item)
+            if role == "ASSISTANT":
+                text += HUMAN_PREFIX
+        if add_generation_prompt:
+            text += ASSISTANT_PREFIX
+        prefix = HUMAN_PREFIX if system_prompt is None else SYSTEM_PREFIX + system_prompt + HUMAN_PREFIX
+        return prefix + text
+
+    def video_prompt(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True, system_prompt: str | None = None
+    ) -> VideoPrompt:
+        """Split a conversation about one video (a long one, whose tokens go through a compressed cache rather than
+        the prompt) into the token ids before the video, after it, and of the rest of the conversation.
+
+        The head and tail depend only on the system prompt and the text before the video, so a follow-up question
+        (the same messages plus new turns) gives the same head and tail: the serving layer can key a cached video
+        prefix by them and prefill only `continuation_ids`. Only text may accompany the video."""
+        turns, system_prompt = self._turns(messages, system_prompt)
+        found: list[dict] = []
+
+        def placeholder(kind: str, item: dict) -> str:
+            if kind != "video" or found:
+                raise ValueError("A long-video conversation holds one video and text only.")
+            found.append(item)
+            return VIDEO_START + VIDEO_END
+
+        text = self._render(turns, system_prompt, add_generation_prompt, placeholder)
+        if not found:
+            raise ValueError("video_prompt needs a conversation with a video.")
+        head, rest = text.split(VIDEO_START + VIDEO_END, 1)
+        encode = self.tokenizer.encode
+        return VideoPrompt(
+            video=found[0]["video"],
+            max_frames=found[0].get("max_frames"),
+            head_ids=torch.tensor([encode(head + VIDEO_START, add_special_tokens=False).ids], dtype=torch.long),
+            tail_ids=torch.tensor([encode(VIDEO_END, add_special_tokens=False).ids], dtype=torch.long),
+            continuation_ids=torch.tensor([encode("\n" + rest, add_special_tokens=False).ids], dtype=torch.long),
+        )
 
     def _num_tokens(self, grid: tuple[int, int, int]) -> int:
         return grid[0] * grid[1] * grid[2] // self.vision.merge_size ** 2
@@ -352,6 +418,7 @@ __all__ = [
     "MediaError",
     "MingProcessor",
     "StreamDecoder",
+    "VideoPrompt",
     "asr_messages",
     "thinking_messages",
 ]
