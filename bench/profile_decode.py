@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -40,14 +41,11 @@ def tune_moe() -> None:
     x, residual = torch.randn(1, H, **bf16), torch.randn(1, H, **bf16)
     weight, idx = torch.randn(1, E, device="cuda").softmax(-1).topk(k)
     gigabytes = 3 * (k * I + shared_I) * H * 2 / 1e9
-    default = kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS
-    for part in ("gate_up", "down"):
+    for part in ("gate_up_blocks", "down_blocks"):
         for blocks in BLOCK_CANDIDATES:
-            kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS = default
-            setattr(kernels, "GATE_UP_BLOCKS" if part == "gate_up" else "DOWN_BLOCKS", blocks)
-            us = bench_us(lambda: kernels.moe_gemv(x, idx, weight, w_gate, w_up, w_down, shared, residual))
-            print(f"moe ({part} blocks {blocks}): {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
-    kernels.GATE_UP_BLOCKS, kernels.DOWN_BLOCKS = default
+            tuning = dataclasses.replace(kernels.DEFAULT_TUNING, **{part: blocks})
+            us = bench_us(lambda: kernels.moe_gemv(x, idx, weight, w_gate, w_up, w_down, shared, residual, tuning))
+            print(f"moe ({part} {blocks}): {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
 
 
 def tune_gemv() -> None:
@@ -68,7 +66,8 @@ def tune_gemv() -> None:
         us = bench_us(torch_ops)
         print(f"{name} cuBLAS{' + norm' if with_norm else ''}: {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
         for blocks in BLOCK_CANDIDATES:
-            us = bench_us(functools.partial(kernels.gemv, x, w, norm, out_dtype, blocks))
+            tuning = dataclasses.replace(kernels.DEFAULT_TUNING, gemv_blocks=blocks)
+            us = bench_us(functools.partial(kernels.gemv, x, w, norm, out_dtype, tuning=tuning))
             print(f"{name} triton gemv {blocks}: {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
 
 
@@ -78,25 +77,18 @@ def tune_attention() -> None:
     k_cache, v_cache = torch.randn(2, 1, 4, 2048, 128, **bf16)
     valid = torch.zeros(1, 2048, dtype=torch.bool, device="cuda")
     valid[:, :1300] = True
-    default = kernels.DECODE_ATTENTION_CHUNK
     for chunk in (32, 64, 128, 256):
-        kernels.DECODE_ATTENTION_CHUNK = chunk
-        us = bench_us(lambda: kernels.decode_attention(qkv, k_cache, v_cache, valid, 16))
+        tuning = dataclasses.replace(kernels.DEFAULT_TUNING, decode_attention_chunk=chunk)
+        us = bench_us(lambda: kernels.decode_attention(qkv, k_cache, v_cache, valid, 16, tuning))
         print(f"decode attention, 1,300 of 2,048 keys, chunk {chunk}: {us:.1f} us")
-    kernels.DECODE_ATTENTION_CHUNK = default
 
 
 def decode_rate_with(model: MingOmni, **settings) -> float:
-    """Median decode tok/s (3 runs after a warm-up) with some kernel settings (ming.kernels attributes) changed."""
-    saved = {name: getattr(kernels, name) for name in settings}
-    for name, value in settings.items():
-        setattr(kernels, name, value)
-    model.__dict__.pop("_decode_steps", None)  # re-capture the graphs with these settings
+    """Median decode tok/s (3 runs after a warm-up) with some `KernelTuning` fields changed."""
+    model.set_kernel_tuning(dataclasses.replace(kernels.DEFAULT_TUNING, **settings))
     decode_rate(model)
     rates = [decode_rate(model) for _ in range(3)]
-    for name, value in saved.items():
-        setattr(kernels, name, value)
-    model.__dict__.pop("_decode_steps", None)
+    model.set_kernel_tuning(kernels.DEFAULT_TUNING)
     rate = statistics.median(rates)
     print(f"decode (CUDA graph) {settings or 'defaults'}: {rate:.1f} tok/s (runs: {', '.join(f'{r:.1f}' for r in rates)})")
     return rate
@@ -123,7 +115,7 @@ def profile_eager_steps(model: MingOmni, steps: int = 10) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--try", dest="variants", action="append", default=[], metavar="JSON",
-                        help='kernel settings to time end to end besides the defaults, e.g. {"DOWN_BLOCKS": [8, 256, 4]}')
+                        help='kernel settings to time end to end besides the defaults, e.g. {"down_blocks": [8, 256, 4]}')
     args = parser.parse_args()
     tune_moe()
     tune_gemv()

@@ -137,7 +137,7 @@ def measure_speech(model, audio_inputs, image_inputs: dict, size: str = "0.5b") 
         stream = model.generate_stream(**inputs, max_new_tokens=len(words) + 1)
         first = None
         audio_seconds = 0.0
-        for event in speech.stream(scripted_reply(stream, words), stream.talker_condition, voice=speaker, seed=0):
+        for event in speech.stream(scripted_reply(stream, words), stream.thinker_states, voice=speaker, seed=0):
             if event.audio is not None:
                 audio_seconds += len(event.audio) / speech.sample_rate
                 if first is None:

@@ -488,7 +488,7 @@ def run_job(job: Job) -> Iterator[Chunk]:
             )
             deltas = text_deltas(stream, eng.processor.stream_decoder())
             if job.voice and eng.speech is not None:
-                for event in eng.speech.stream(deltas, thinker_states=stream.talker_condition, voice=job.voice,
+                for event in eng.speech.stream(deltas, thinker_states=stream.thinker_states, voice=job.voice,
                                                stop_event=stop):
                     yield Chunk(text=event.text_delta, audio=event.audio)
             else:

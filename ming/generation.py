@@ -1,80 +1,213 @@
-"""Token selection for generation: greedy or sampled (temperature, top-k, top-p), with a repetition guard."""
+"""Autoregressive generation over a static KV cache: prefill the prompt, then one decode step per new token.
+
+A generation = one prefill of the prompt (media already merged into its embeddings) into the cache, then one
+decode step per new token that reads the cache and never recomputes the prompt. On a GPU the decode step is
+captured once per (batch, cache bucket) as a CUDA graph (`ming.layers.CapturedStep`) and reused across requests.
+
+A prompt may start from a `CachePrefix`: keys and values computed earlier (a compressed video, say), copied into the
+cache's first slots, so that only the new tokens are prefilled.
+
+This module knows the language model (`BailingMoeForCausalLM`) and nothing of media: `MingOmni` embeds the prompt
+and calls it.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from .layers import CapturedStep, KVCache, cache_bucket, cache_mask, decode_mask, prompt_mask, use_triton
+from .llm import BailingMoeForCausalLM
+from .sampling import NgramGuard, SamplingConfig, select_next_token
+
 
 @dataclass
-class SamplingConfig:
-    max_new_tokens: int = 512
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    no_repeat_ngram_size: int = 0  # the release's demo uses 10 to stop loops
-    seed: int | None = None
+class CachePrefix:
+    """The start of a prompt already in key/value form, reusable by any number of later prompts.
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError("temperature must be positive when sampling")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+    keys / values: per layer [1, kv_heads, N, head_dim] (keys rotated for positions 0..N-1 as stored; a compressed
+    prefix may have had its keys moved to contiguous positions); `next_position` is the RoPE position of the token
+    that follows it. Keep it on the GPU while it fits, or `.to("cpu")` between requests."""
 
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    next_position: int
 
-class NgramGuard:
-    """transformers' no_repeat_ngram_size rule: ban any token that would complete an n-gram already in the sequence
-    (prompt included). The n-grams are indexed as tokens arrive, so a step costs O(1), not O(sequence length):
-    a 9,000-token video prompt must not slow every decode step down."""
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
 
-    def __init__(self, n: int, history: list[int]):
-        self.n = n
-        self.history: list[int] = []
-        self.next_tokens: dict[tuple[int, ...], set[int]] = defaultdict(set)
-        for token in history:
-            self.append(token)
-
-    def append(self, token: int) -> None:
-        self.history.append(token)
-        if len(self.history) >= self.n:
-            gram = self.history[-self.n :]
-            self.next_tokens[tuple(gram[:-1])].add(gram[-1])
-
-    def banned(self) -> list[int]:
-        if len(self.history) < self.n - 1:
-            return []
-        prefix = tuple(self.history[len(self.history) - self.n + 1 :])
-        return sorted(self.next_tokens.get(prefix, ()))
+    def to(self, device: torch.device | str) -> "CachePrefix":
+        pin = torch.device(device).type == "cpu" and torch.cuda.is_available()
+        move = (lambda t: t.to(device).pin_memory()) if pin else (lambda t: t.to(device))
+        return CachePrefix([move(k) for k in self.keys], [move(v) for v in self.values], self.next_position)
 
 
-def select_next_token(
-    logits: torch.Tensor, cfg: SamplingConfig, guards: list[NgramGuard] | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits [B, V] (float32) -> next token ids [B]. `guards`: one NgramGuard per row when the repetition guard
-    is on."""
-    if guards:
-        logits = logits.clone()  # the bans below write in place; everything after makes new tensors
-    for row, guard in enumerate(guards or []):
-        banned = guard.banned()
-        if banned:
-            logits[row, banned] = float("-inf")
-    if not cfg.do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= cfg.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+class DecodeStep:
+    """Feeds one token per row at cache slot `index` and returns the next-token logits [B, V] (float32).
+
+    Owns the static cache and the input buffers, so the same step can be replayed from a CUDA graph."""
+
+    def __init__(self, llm: BailingMoeForCausalLM, batch: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device, capture: bool):
+        self.llm = llm
+        self.cache = llm.new_cache(batch, capacity, dtype, device)
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        if capture:
+            llm.normalize_head_()  # mutates the weight: never inside a capture
+        self.run = CapturedStep(self._step, device) if capture else self._step
+
+    def _step(self) -> torch.Tensor:
+        self.cache.valid.index_fill_(1, self.index, True)
+        embeds = self.llm.model.word_embeddings(self.token[:, None])
+        hidden = self.llm.model(embeds, self.position[:, None], decode_mask(self.cache.valid), None, self.cache,
+                                self.index, final_norm=False)
+        return self.llm.logits(hidden[:, -1], norm=self.llm.model.norm)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, index: int) -> torch.Tensor:
+        self.token.copy_(tokens)
+        self.position.copy_(positions)
+        self.index.fill_(index)
+        return self.run()
+
+
+def decode_step_for(llm: BailingMoeForCausalLM, captured_steps: dict, batch: int, needed: int, dtype: torch.dtype,
+                    device: torch.device) -> DecodeStep:
+    """A DecodeStep whose cache holds `needed` slots, all invalid. With the GPU kernels, steps are captured once per
+    (batch, power-of-two bucket) and kept in `captured_steps` for later requests; elsewhere each generation gets a
+    cache of exactly the size it needs."""
+    limit = llm.config.max_position_embeddings
+    if needed > limit:
+        raise ValueError(f"prompt + max_new_tokens = {needed} exceeds the model's context of {limit} tokens")
+    fast = use_triton(llm.lm_head.weight)
+    if not fast:
+        return DecodeStep(llm, batch, needed, dtype, device, capture=False)
+    key = (batch, min(cache_bucket(needed), limit))
+    if key not in captured_steps:
+        captured_steps[key] = DecodeStep(llm, *key, dtype, device, capture=True)
+    step = captured_steps[key]
+    step.cache.valid.zero_()
+    return step
+
+
+class Decoder:
+    """One generation over a batch: prefill, then `step()` per token. Rows keep their prompt's cache slots (left
+    padding stays masked) and all rows decode at the same slot."""
+
+    def __init__(
+        self,
+        llm: BailingMoeForCausalLM,
+        captured_steps: dict,
+        inputs_embeds: torch.Tensor,
+        router_ids: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cfg: SamplingConfig,
+        prefix: CachePrefix | None = None,
+    ):
+        self.llm, self.cfg = llm, cfg
+        device = inputs_embeds.device
+        self.eos = llm.config.eos_token_id
+        B, L = input_ids.shape
+        start = 0 if prefix is None else prefix.length
+        if prefix is not None and B != 1:
+            raise ValueError("a cache prefix serves one prompt at a time")
+        self.step_fn = decode_step_for(llm, captured_steps, B, start + L + cfg.max_new_tokens, inputs_embeds.dtype,
+                                       device)
+        cache = self.step_fn.cache
+        valid = key_valid_of(attention_mask, input_ids, device)
+        first_position = 0 if prefix is None else prefix.next_position
+        positions = first_position + (valid.long().cumsum(-1) - 1).clamp(min=0)
+        slots = torch.arange(start, start + L, device=device)
+        cache.valid[:, start:start + L] = valid
+        if prefix is None:
+            mask = prompt_mask(valid)
+        else:
+            copy_prefix(prefix, cache)
+            mask = cache_mask(cache.valid, slots)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+
+        hidden = llm.model(inputs_embeds, positions, mask, router_ids, cache, slots)
+        # What the talker is conditioned on: the merged input embeddings plus the prompt's last hidden states.
+        self.thinker_states = inputs_embeds + hidden
+        self.logits = llm.logits(hidden[:, -1])
+        self.next_position = positions[:, -1] + 1
+        self.cache_index = start + L
+        self.guards = None
+        if cfg.no_repeat_ngram_size > 0:
+            self.guards = [NgramGuard(cfg.no_repeat_ngram_size, row.tolist()) for row in input_ids]
+        self.finished = [False] * B
+        self.generated = 0
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished) or self.generated >= self.cfg.max_new_tokens
+
+    def step(self) -> list[int | None]:
+        """Choose the next token of every unfinished row (None for finished rows) and feed it to the model."""
+        tokens = select_next_token(self.logits, self.cfg, self.guards, self.generator)
+        out: list[int | None] = []
+        for row, token in enumerate(tokens.tolist()):
+            if self.finished[row] or token == self.eos:
+                self.finished[row] = True
+                tokens[row] = self.eos
+                out.append(None)
+                continue
+            if self.guards is not None:
+                self.guards[row].append(token)
+            out.append(token)
+        self.generated += 1
+        if not self.done:
+            self.logits = self.step_fn(tokens, self.next_position, self.cache_index)
+            self.next_position = self.next_position + 1
+            self.cache_index += 1
+        return out
+
+
+def copy_prefix(prefix: CachePrefix, cache: KVCache) -> None:
+    """Put a prefix's keys and values into the cache's first slots and mark them valid."""
+    n = prefix.length
+    for layer_keys, layer_values, keys, values in zip(cache.keys, cache.values, prefix.keys, prefix.values):
+        layer_keys[:, :, :n].copy_(keys, non_blocking=True)
+        layer_values[:, :, :n].copy_(values, non_blocking=True)
+    cache.valid[:, :n] = True
+
+
+def key_valid_of(attention_mask: torch.Tensor | None, input_ids: torch.Tensor, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(input_ids.shape, dtype=torch.bool, device=device)
+    return attention_mask.to(device).bool()
+
+
+class TokenStream:
+    """Iterator over the new token ids of one prompt. Prefill runs in the constructor, so `thinker_states` is ready
+    before the first token is read. Stops at <|endoftext|>, max_new_tokens or `stop_event`."""
+
+    def __init__(self, decoder: Decoder, stop_event: threading.Event | None = None):
+        self.decoder = decoder
+        self.stop_event = stop_event
+        self.thinker_states: torch.Tensor = decoder.thinker_states  # what the talker is conditioned on
+        self.finish_reason: str | None = None  # "eos" | "length" | "stopped"
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        if self.finish_reason is not None:
+            raise StopIteration
+        if self.stop_event is not None and self.stop_event.is_set():
+            self.finish_reason = "stopped"
+            raise StopIteration
+        if self.decoder.done:
+            self.finish_reason = "eos" if self.decoder.finished[0] else "length"
+            raise StopIteration
+        token = self.decoder.step()[0]
+        if token is None:
+            self.finish_reason = "eos"
+            raise StopIteration
+        return token

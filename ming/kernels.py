@@ -17,6 +17,7 @@ file; tests/test_cuda.py pins every kernel to the plain PyTorch ops it replaces.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -164,19 +165,28 @@ def _tickets(x: torch.Tensor) -> torch.Tensor:
     return _ticket_buffer(x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
 
 
-# (BLOCK_N, BLOCK_K, num_warps), picked with bench/profile_decode.py on an H100.
-GATE_UP_BLOCKS = (16, 128, 2)
-DOWN_BLOCKS = (8, 128, 2)
+@dataclass(frozen=True)
+class KernelTuning:
+    """Block shapes of the decode kernels: (BLOCK_N, BLOCK_K, num_warps) per GEMV family and keys per program of
+    the attention. Picked with bench/profile_decode.py on an H100; a layer holds one and passes it to each call."""
+
+    gemv_blocks: tuple[int, int, int] = (4, 512, 4)  # qkv, dense and the head
+    gate_up_blocks: tuple[int, int, int] = (16, 128, 2)
+    down_blocks: tuple[int, int, int] = (8, 128, 2)
+    decode_attention_chunk: int = 64
 
 
-def _gate_up(x, topk_idx, w_gate, w_up, shared) -> torch.Tensor:
+DEFAULT_TUNING = KernelTuning()
+
+
+def _gate_up(x, topk_idx, w_gate, w_up, shared, tuning: KernelTuning) -> torch.Tensor:
     """silu(gate) * up of every chosen expert, then of the shared one: [T, top_k * I + I_shared]."""
     T, H = x.shape
     I, top_k = w_gate.shape[1], topk_idx.shape[1]
     s_gate, s_up = shared[:2] if shared is not None else (w_gate, w_up)
     i_shared = s_gate.shape[0] if shared is not None else 0
     h = torch.empty(T, top_k * I + i_shared, dtype=x.dtype, device=x.device)
-    bn, bk, warps = GATE_UP_BLOCKS
+    bn, bk, warps = tuning.gate_up_blocks
     bn, bk = min(bn, triton.next_power_of_2(I)), min(bk, triton.next_power_of_2(H))
     blocks = top_k * triton.cdiv(I, bn) + triton.cdiv(i_shared, bn)
     _moe_gate_up_kernel[(T, blocks)](
@@ -195,6 +205,7 @@ def moe_gemv(
     w_down: torch.Tensor,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     residual: torch.Tensor | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """The MoE block for a few tokens in two kernels, reading only the chosen experts' weights.
 
@@ -212,9 +223,9 @@ def moe_gemv(
         raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
     s_down = shared[2] if shared is not None else w_down
     topk_idx, topk_weight = topk_idx.contiguous(), topk_weight.float().contiguous()
-    h = _gate_up(x, topk_idx, w_gate, w_up, shared)
+    h = _gate_up(x, topk_idx, w_gate, w_up, shared, tuning)
     out = torch.empty_like(x)
-    bn, bk, warps = DOWN_BLOCKS
+    bn, bk, warps = tuning.down_blocks
     bn, bk = min(bn, triton.next_power_of_2(H)), min(bk, triton.next_power_of_2(I))
     slots = top_k + i_shared // I
     partial = torch.empty(T, slots, H, dtype=torch.float32, device=x.device)
@@ -235,13 +246,14 @@ def _one_expert(tokens: int, device: torch.device) -> torch.Tensor:
 
 
 def mlp_gemv(
-    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    residual: torch.Tensor | None = None, tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """A SwiGLU MLP (gate/up [I, H], down [H, I]) for a few tokens x [T, H], plus `residual`: gate/up through the
     MoE kernel with one expert, the down projection as a GEMV (one expert alone would not fill the GPU with the
     MoE's split-by-expert down kernel)."""
-    return gemv(_gate_up(x, _one_expert(x.shape[0], x.device), w_gate[None], w_up[None], None), w_down,
-                residual=residual)
+    h = _gate_up(x, _one_expert(x.shape[0], x.device), w_gate[None], w_up[None], None, tuning)
+    return gemv(h, w_down, residual=residual, tuning=tuning)
 
 
 @triton.jit
@@ -376,18 +388,15 @@ def _gemv_kernel(
     tl.store(out_ptr + token * OUT_STRIDE + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-GEMV_BLOCKS = (4, 512, 4)  # picked with bench/profile_decode.py on an H100 (qkv, dense and head)
-
-
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     norm: tuple[torch.Tensor, float] | None = None,
     out_dtype: torch.dtype | None = None,
-    blocks: tuple[int, int, int] | None = None,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """x [T, K] @ weight[N, K].T (+ bias) for a few rows T; with `norm` (weight, eps), RMSNorm(x) @ weight.T in the
     same kernel. The output is rounded to the weight's dtype, `residual` [T, N] added, and stored as `out_dtype`
@@ -398,7 +407,7 @@ def gemv(
         out = torch.empty(T, N, dtype=out_dtype or x.dtype, device=x.device)
     elif out.shape != (T, N) or out.stride(-1) != 1:
         raise ValueError(f"gemv out must be [{T}, {N}] with contiguous rows, got {tuple(out.shape)}")
-    bn, bk, warps = blocks or GEMV_BLOCKS
+    bn, bk, warps = tuning.gemv_blocks
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
     _gemv_kernel[(T, triton.cdiv(N, bn))](
         x.contiguous(), norm_weight, weight, bias if bias is not None else weight,
@@ -532,11 +541,9 @@ def _decode_attention_combine(
     tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
 
-DECODE_ATTENTION_CHUNK = 64  # keys per program; picked with bench/profile_decode.py
-
-
 def decode_attention(
-    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, num_heads: int
+    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
+    tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
     """One new token per row over the whole cache (split over chunks of keys, then combined: flash decoding).
 
@@ -544,7 +551,7 @@ def decode_attention(
     Returns [B, num_heads, D]. Chunks past the sequence's end are skipped, so a large cache bucket costs nothing."""
     B, D = qkv.shape[0], qkv.shape[-1]
     kv_heads, S = k_cache.shape[1], k_cache.shape[2]
-    chunk = min(DECODE_ATTENTION_CHUNK, S)
+    chunk = min(tuning.decode_attention_chunk, S)
     if S % chunk or chunk & (chunk - 1):
         raise ValueError(f"decode_attention needs a power-of-two cache length (or a multiple of {chunk}), got {S}")
     group = num_heads // kv_heads

@@ -11,74 +11,29 @@ decode path can read only the selected experts, but `state_dict()` and the loade
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .configs import LLMConfig
-
-try:  # Triton comes with CUDA builds of torch; the CPU path never needs it.
-    from . import kernels
-except ImportError:
-    kernels = None
+from .layers import (
+    MLP,
+    KVCache,
+    RMSNorm,
+    TunedKernels,
+    attend,
+    few_tokens,
+    kernels,
+    linear,
+    rope_cos_sin,
+    use_grouped_mm,
+    use_triton,
+)
 
 TEXT, IMAGE, AUDIO = 0, 1, 2  # router ids: which gate a token is routed by
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(x):
-            return kernels.rms_norm(x, self.weight, self.eps)
-        # Normalise in float32, scale in the input dtype (the release's order of operations).
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, norm(x + delta)): the residual add and the next norm, one kernel on the GPU."""
-        if use_triton(x):
-            return kernels.rms_norm(x, self.weight, self.eps, delta=delta)
-        x = x + delta
-        return x, self(x)
-
-
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, L, head_dim] for NeoX-style rotation over the full head dim, in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, L, D]; cos/sin: [B, L, D]."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-@dataclass
-class KVCache:
-    """A static per-layer key/value cache, [B, kv_heads, max_len, head_dim], written in place."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-    @classmethod
-    def empty(cls, batch: int, heads: int, max_len: int, head_dim: int, dtype, device) -> "KVCache":
-        shape = (batch, heads, max_len, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-
-
-class Attention(nn.Module):
+class Attention(nn.Module, TunedKernels):
     def __init__(self, config: LLMConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -93,69 +48,17 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-        cache_position: torch.Tensor | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slots: torch.Tensor | None = None,
         input_norm: RMSNorm | None = None,
     ) -> torch.Tensor:
-        """mask: boolean, True where a query may attend; None means plain causal attention (lets SDPA pick its
-        flash kernel). `input_norm` (the layer's pre-norm) is applied to x first: at decode it runs inside the QKV
-        projection's kernel.
-
-        With a cache, the new keys are first written at `cache_position`. A multi-token input is a prefill from
-        cache index 0 and attends over its own keys ([B, 1, L, L] mask); a one-token input is a decode step and
-        attends over the whole cache ([B, 1, 1, S] mask, S = cache length)."""
+        """Self-attention of input_norm(x) (`input_norm`, the layer's pre-norm, runs inside the QKV projection's
+        kernel at decode). mask, cache (this layer's keys, values) and slots as for `ming.layers.attend`."""
         B, L, _ = x.shape
-        if input_norm is not None and decode_gemv(x, self.query_key_value):
-            qkv = kernels.gemv(x.reshape(B * L, -1), self.query_key_value.weight, (input_norm.weight, input_norm.eps))
-        else:
-            qkv = self.query_key_value(x if input_norm is None else input_norm(x))
+        qkv = linear(x, self.query_key_value, input_norm, self.kernel_tuning)
         qkv = qkv.view(B, L, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        split = [self.num_heads, self.num_kv_heads, self.num_kv_heads]
-        if use_triton(x):
-            # One kernel rotates q/k in place and writes k/v into the cache; decode then attends in two more.
-            kv_cache = None if cache is None else (cache.k, cache.v)
-            kernels.rope_(qkv, *rope, self.num_heads, self.num_kv_heads, kv_cache, cache_position)
-            if cache is not None and L == 1:
-                out = kernels.decode_attention(qkv, cache.k, cache.v, mask.reshape(B, -1), self.num_heads)
-                if decode_gemv(out, self.dense):
-                    return kernels.gemv(out.reshape(B, -1), self.dense.weight).view(B, 1, -1)
-                return self.dense(out.reshape(B, 1, -1))
-            q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
-        else:
-            q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
-                cache.k.index_copy_(2, cache_position, k)
-                cache.v.index_copy_(2, cache_position, v)
-                if L == 1:
-                    return self.dense(self._decode_attention(q, cache, mask).reshape(B, 1, -1))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
-        )
-        return self.dense(out.transpose(1, 2).reshape(B, L, -1))
-
-    def _decode_attention(self, q: torch.Tensor, cache: KVCache, mask: torch.Tensor) -> torch.Tensor:
-        """One query per row over the whole cache. The query heads of a KV group attend together, so each cached
-        key and value is read once (no repeated KV heads), which is what a memory-bound step wants."""
-        B, groups = q.shape[0], self.num_heads // self.num_kv_heads
-        q = q.view(B, self.num_kv_heads, groups, self.head_dim)
-        scores = (q @ cache.k.transpose(-1, -2)).float() / self.head_dim**0.5  # [B, kv, groups, S]
-        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-        out = scores.softmax(dim=-1).to(q.dtype) @ cache.v  # [B, kv, groups, D]
-        return out.view(B, self.num_heads, self.head_dim)
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward; used for the shared expert."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = attend(qkv, rope, self.num_heads, self.num_kv_heads, mask, cache, slots, self.kernel_tuning)
+        return linear(out, self.dense, tuning=self.kernel_tuning)
 
 
 class Router(nn.Module):
@@ -252,42 +155,7 @@ class Experts(nn.Module):
         return out.to(x.dtype)
 
 
-FUSED_DECODE_TOKENS = 16  # up to this many tokens (decode steps, batched or not) take the fused decode kernels
-
-
-def fused_decode(x: torch.Tensor) -> bool:
-    """Whether activations x [..., H] are few enough tokens for the decode kernels (GEMVs, add + norm + route)."""
-    return use_triton(x) and x.numel() // x.shape[-1] <= FUSED_DECODE_TOKENS
-
-
-def decode_gemv(x: torch.Tensor, linear: nn.Linear) -> bool:
-    """Whether `linear` on x runs as a Triton GEMV: faster than cuBLAS at batch 1 and lets the preceding RMSNorm
-    run inside it."""
-    return fused_decode(x) and linear.bias is None
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """The fused GPU kernels of ming/kernels.py: CUDA, bf16, Ampere or newer (bf16 tensor cores). Tuned and
-    measured on Hopper; an Ampere card runs the same kernels, with the experts' prefill in the per-expert loop."""
-    return (
-        kernels is not None
-        and x.is_cuda
-        and x.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device)[0] >= 8
-    )
-
-
-def use_grouped_mm(x: torch.Tensor) -> bool:
-    """Grouped GEMM needs CUDA, bf16 and Hopper-class (sm90+) tensor cores; everything else takes the loop."""
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
-
-
-class SparseMoeBlock(nn.Module):
+class SparseMoeBlock(nn.Module, TunedKernels):
     def __init__(self, config: LLMConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
@@ -343,13 +211,13 @@ class SparseMoeBlock(nn.Module):
         if routing is None:
             routing = self.route(self.router_logits(flat, None if router_ids is None else router_ids.reshape(-1)))
         topk_idx, topk_weight = routing
-        if use_triton(x) and B * L * self.top_k <= 64:
-            # Decode: two kernels that read only the chosen experts' rows, the shared expert's alongside.
+        if few_tokens(x):
+            # Two kernels that read only the chosen experts' rows, the shared expert's alongside.
             e, shared = self.experts, self.shared_experts
             shared_weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
             y = kernels.moe_gemv(
                 flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights,
-                None if residual is None else residual.reshape(-1, H),
+                None if residual is None else residual.reshape(-1, H), self.kernel_tuning,
             )
             return y.view(B, L, H)
         y = self.experts(flat, topk_idx, topk_weight).view(B, L, H)
@@ -369,13 +237,13 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SparseMoeBlock(config)
 
-    def forward(self, x, rope, mask, router_ids, cache=None, cache_position=None) -> torch.Tensor:
-        attention = self.attention(x, rope, mask, cache, cache_position, input_norm=self.input_layernorm)
+    def forward(self, x, rope, mask, router_ids, cache=None, slots=None) -> torch.Tensor:
+        attention = self.attention(x, rope, mask, cache, slots, input_norm=self.input_layernorm)
         norm = self.post_attention_layernorm
         if not isinstance(self.mlp, SparseMoeBlock):
             x, h = norm.add_and_norm(x, attention)
-            return x + self.mlp(h)
-        if fused_decode(x) and router_ids is None:
+            return self.mlp(h, residual=x)
+        if few_tokens(x) and router_ids is None:
             # Decode: the residual add, the norm, the (text) gate and the routing in one kernel.
             B, L, H = x.shape
             moe = self.mlp
@@ -402,20 +270,23 @@ class BailingMoeModel(nn.Module):
         position_ids: torch.Tensor,
         mask: torch.Tensor,
         router_ids: torch.Tensor | None = None,
-        caches: list[KVCache] | None = None,
-        cache_position: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
         final_norm: bool = True,
     ) -> torch.Tensor:
-        """Returns the final-norm hidden states [B, L, H] (without the final norm if `final_norm` is False: the
-        decode step fuses it into the output head)."""
+        """Hidden states [B, L, H] after the final norm (before it if `final_norm` is False: the decode step fuses it
+        into the output head). With a cache, the tokens' keys and values go to cache `slots` [L], and `mask` says
+        what they attend to (see `ming.layers.attend`): a prompt from slot 0 attends to itself, a decode step or a
+        chunk prefilled after earlier ones to the cache."""
         rope = rope_cos_sin(position_ids, self.config.attention_head_dim, self.config.rope_theta)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, router_ids, None if caches is None else caches[i], cache_position)
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x = layer(x, rope, mask, router_ids, layer_cache, slots)
         return self.norm(x) if final_norm else x
 
 
-class BailingMoeForCausalLM(nn.Module):
+class BailingMoeForCausalLM(nn.Module, TunedKernels):
     """Keys: `model.*` (the decoder) and `lm_head.weight`. Under MingOmni this whole module sits at `model.`."""
 
     def __init__(self, config: LLMConfig):
@@ -440,34 +311,12 @@ class BailingMoeForCausalLM(nn.Module):
         """Float32 logits of hidden [..., H] (rounded to the weight dtype first, as the release's head); `norm`,
         if given, is applied to hidden first (fused into the head's kernel at decode)."""
         self.normalize_head_()
-        if norm is not None and decode_gemv(hidden, self.lm_head):
-            return kernels.gemv(hidden, self.lm_head.weight, (norm.weight, norm.eps), out_dtype=torch.float32)
-        return self.lm_head(hidden if norm is None else norm(hidden)).float()
+        return linear(hidden, self.lm_head, norm, self.kernel_tuning, out_dtype=torch.float32)
 
-    def new_caches(self, batch: int, max_len: int, dtype, device) -> list[KVCache]:
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
         c = self.config
-        return [
-            KVCache.empty(batch, c.num_key_value_heads, max_len, c.attention_head_dim, dtype, device)
-            for _ in range(c.num_hidden_layers)
-        ]
-
-
-def prefill_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
-    """Mask for a prompt of L tokens: None (plain causal) without padding, else a boolean [B, 1, L, L] mask in
-    which query i sees the valid keys at positions <= i. key_valid: [B, L], False at padding."""
-    if bool(key_valid.all()):
-        return None
-    L = key_valid.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=key_valid.device).tril()
-    # A fully padded query row would give NaN in softmax; let it see itself (its output is never used).
-    mask = (causal[None] & key_valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=key_valid.device)
-    return mask[:, None]
-
-
-def decode_mask(key_valid: torch.Tensor) -> torch.Tensor:
-    """Mask for one new token over the cache: [B, 1, 1, S]. key_valid is True exactly at the filled, non-padding
-    cache slots, the new token's own slot included."""
-    return key_valid[:, None, None, :]
+        return KVCache.empty(c.num_hidden_layers, batch, c.num_key_value_heads, capacity, c.attention_head_dim,
+                             dtype, device)
 
 
 def expert_active_parameters(config: LLMConfig) -> int:

@@ -20,9 +20,10 @@ from torch import nn
 
 from .audio import SANMEncoder
 from .configs import MingConfig
-from .decoding import Decoder, TokenStream, key_valid_of
-from .generation import SamplingConfig
-from .llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, prefill_mask
+from .sampling import SamplingConfig
+from .generation import CachePrefix, Decoder, TokenStream, key_valid_of
+from .layers import prompt_mask, set_kernel_tuning
+from .llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM
 from .loading import (
     load_release_weights,
     materialize,
@@ -55,6 +56,7 @@ class MingOmni(nn.Module):
         self.vision = VisionEncoder(config.vision_config)
         self.audio = SANMEncoder(config.audio_config.audio_encoder_config_sanm)
         self.model = BailingMoeForCausalLM(llm)
+        self.captured_steps: dict = {}  # decode steps per (batch, cache bucket), CUDA graphs on a GPU
 
         image_proj: list[nn.Module] = [nn.Linear(config.vision_config.out_hidden_size, hidden)]
         for _ in range(1, config.mlp_depth):
@@ -97,7 +99,6 @@ class MingOmni(nn.Module):
         model = cls.from_config(MingConfig.from_file(folder), device=device, dtype=dtype)
         load_release_weights(model, folder, skip_prefixes=("talker.",))
         model.model.normalize_head_()
-        model.checkpoint_dir = folder
         return model
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -186,7 +187,7 @@ class MingOmni(nn.Module):
         embeds, router_ids = self.embed(input_ids, **media)
         key_valid = key_valid_of(attention_mask, input_ids, self.device)
         position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.model.model(embeds, position_ids, prefill_mask(key_valid), router_ids)
+        hidden = self.model.model(embeds, position_ids, prompt_mask(key_valid), router_ids)
         return MingOutput(logits=self.model.logits(hidden), hidden_states=hidden, inputs_embeds=embeds)
 
     # ------------------------------------------------------------------ generation
@@ -197,16 +198,17 @@ class MingOmni(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         stop_event: threading.Event | None = None,
+        prefix: CachePrefix | None = None,
         **kwargs,
     ) -> TokenStream:
         """Prefill now; iterate the result for the new token ids of one prompt.
 
         kwargs: the processor's media tensors and the `SamplingConfig` fields (max_new_tokens, do_sample,
-        temperature, top_p, top_k, no_repeat_ngram_size, seed)."""
+        temperature, top_p, top_k, no_repeat_ngram_size, seed). `prefix`: keys and values of the prompt's start,
+        computed earlier; `input_ids` then holds only the rest."""
         if input_ids.shape[0] != 1:
             raise ValueError("generate_stream takes one prompt; use generate() for a batch")
-        cfg, media = split_generation_kwargs(kwargs)
-        return TokenStream(self, input_ids, attention_mask, media, cfg, stop_event)
+        return TokenStream(self._decoder(input_ids, attention_mask, kwargs, prefix), stop_event)
 
     @torch.no_grad()
     def generate(
@@ -219,8 +221,7 @@ class MingOmni(nn.Module):
     ) -> torch.Tensor:
         """Only the new token ids [B, n]; rows that finish early are padded with the pad id. kwargs as for
         `generate_stream`."""
-        cfg, media = split_generation_kwargs(kwargs)
-        decoder = Decoder(self, input_ids, attention_mask, media, cfg)
+        decoder = self._decoder(input_ids, attention_mask, kwargs)
         rows = [[] for _ in range(input_ids.shape[0])]
         while not decoder.done and not (stop_event is not None and stop_event.is_set()):
             for row, token in zip(rows, decoder.step()):
@@ -229,6 +230,23 @@ class MingOmni(nn.Module):
         pad = self.config.llm_config.pad_token_id
         n = max(len(r) for r in rows)
         return torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long)
+
+    def _decoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict,
+                 prefix: CachePrefix | None = None) -> Decoder:
+        cfg, media = split_generation_kwargs(kwargs)
+        embeds, router_ids = self.embed(input_ids, **media)
+        return Decoder(self.model, self.captured_steps, embeds, router_ids, input_ids.to(self.device),
+                       attention_mask, cfg, prefix)
+
+    # ------------------------------------------------------------------ captured decode steps
+    def set_kernel_tuning(self, tuning) -> None:
+        """Block shapes for the GPU decode kernels (`ming.kernels.KernelTuning`); steps are captured again."""
+        set_kernel_tuning(self, tuning)
+        self.captured_steps.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.captured_steps.clear()  # captured for the old device / dtype
+        return super()._apply(fn, *args, **kwargs)
 
 
 def split_generation_kwargs(kwargs: dict) -> tuple[SamplingConfig, dict]:

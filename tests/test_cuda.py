@@ -98,7 +98,7 @@ def test_triton_decode_experts_match_the_loop_in_bf16():
 
 def test_triton_gemv_matches_linear():
     from ming import kernels
-    from ming.llm import RMSNorm
+    from ming.layers import RMSNorm
 
     x = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
     for n in (3072, 2048, 1000):
@@ -113,7 +113,7 @@ def test_triton_gemv_matches_linear():
 
 def test_fused_add_norm_route_matches_torch():
     from ming import kernels
-    from ming.llm import RMSNorm
+    from ming.layers import RMSNorm
 
     torch.manual_seed(0)
     x, delta = torch.randn(2, 3, 2048, device="cuda", dtype=torch.bfloat16)
@@ -131,7 +131,7 @@ def test_fused_add_norm_route_matches_torch():
 
 def test_triton_norm_rope_and_router_match_torch():
     from ming import kernels
-    from ming.llm import RMSNorm, apply_rope, rope_cos_sin
+    from ming.layers import RMSNorm, apply_rope, rope_cos_sin
 
     x = torch.randn(5, 2048, device="cuda", dtype=torch.bfloat16)
     delta = torch.randn_like(x)
@@ -216,10 +216,10 @@ def test_talker_graph_is_reused_across_replies_and_matches_eager(tiny_dir, monke
         return speech.talker.generate(context, text, torch.Generator().manual_seed(seed), 200)
 
     graphed = [reply("Hello there, how are you?", 0), reply("Fine, thanks.", 1)]
-    steps = speech.talker._decode_steps
+    steps = speech.talker.captured_steps
     assert len(steps) == 1
     graphed.append(reply("And you?", 2))
-    assert speech.talker._decode_steps is steps and len(steps) == 1
+    assert speech.talker.captured_steps is steps and len(steps) == 1
     monkeypatch.setenv("MING_CUDA_GRAPHS", "0")
     eager = [reply("Hello there, how are you?", 0), reply("Fine, thanks.", 1), reply("And you?", 2)]
     assert graphed == eager
@@ -257,7 +257,7 @@ def test_engine_serves_every_kind_of_reply_on_the_gpu(monkeypatch):
 def test_talker_fused_decode_matches_the_plain_path_in_bf16(tmp_path):
     """The talker's Triton decode (power-of-two cache) against its plain PyTorch decode (any other cache size), on
     a 2-layer talker with the 0.5B shape's heads (14 query heads of 64 over 2 KV heads: a group of 7)."""
-    from ming.speech.talker import KVCache, Talker, TalkerLMConfig, TalkerTokenizer
+    from ming.speech.talker import Talker, TalkerLMConfig, TalkerTokenizer
     from ming.testing.speech import write_text_tokenizer
 
     write_text_tokenizer(str(tmp_path))
@@ -271,10 +271,12 @@ def test_talker_fused_decode_matches_the_plain_path_in_bf16(tmp_path):
     decoder = talker.model.model
     prefix = torch.randn(1, 37, 896, device="cuda", dtype=torch.bfloat16)
     outputs = []
-    for capacity in (1024, 1000):  # fused, plain
-        cache = KVCache(config, capacity, torch.bfloat16, torch.device("cuda"))
-        decoder.prefill(prefix, cache)
-        steps = [decoder.decode(prefix[:, i : i + 1] * 0.5, torch.tensor([37 + i], device="cuda"), cache) for i in range(4)]
+    for dtype, capacity in ((torch.bfloat16, 1024), (torch.float32, 1000)):  # fused kernels, plain PyTorch
+        decoder.to(dtype)
+        cache = decoder.new_cache(capacity, dtype, torch.device("cuda"))
+        decoder.prefill(prefix.to(dtype), cache)
+        steps = [decoder.decode(prefix[:, i : i + 1].to(dtype) * 0.5, torch.tensor([37 + i], device="cuda"), cache)
+                 for i in range(4)]
         outputs.append(torch.cat(steps, dim=1).float())
     fused, plain = outputs
     err = ((fused - plain).norm() / plain.norm()).item()

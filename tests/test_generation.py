@@ -34,7 +34,7 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(model):
 def test_stream_equals_generate_and_reports_why_it_ended(model):
     ids = prompt(7, 3)
     stream = model.generate_stream(ids, max_new_tokens=9)
-    assert stream.talker_condition.shape == (1, 7, 64)
+    assert stream.thinker_states.shape == (1, 7, 64)
     assert list(stream) == model.generate(ids, max_new_tokens=9)[0].tolist()
     assert stream.finish_reason == "length"
 

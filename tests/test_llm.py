@@ -3,8 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from ming.generation import NgramGuard, SamplingConfig, select_next_token
-from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, RMSNorm, SparseMoeBlock, apply_rope, decode_mask, prefill_mask
+from ming.layers import RMSNorm, apply_rope, cache_mask, decode_mask, prompt_mask
+from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, SparseMoeBlock
+from ming.sampling import NgramGuard, SamplingConfig, select_next_token
 from ming.testing.tiny import tiny_config
 from ming.testing.weights import tiny_tensor
 
@@ -21,7 +22,7 @@ def full_logits(llm: BailingMoeForCausalLM, ids: torch.Tensor, router_ids=None) 
     embeds = llm.model.word_embeddings(ids)
     valid = torch.ones_like(ids, dtype=torch.bool)
     positions = torch.arange(ids.shape[1])[None].expand_as(ids)
-    hidden = llm.model(embeds, positions, prefill_mask(valid), router_ids)
+    hidden = llm.model(embeds, positions, prompt_mask(valid), router_ids)
     return llm.logits(hidden)
 
 
@@ -70,7 +71,7 @@ def test_rmsnorm_and_rope_are_what_they_claim():
     torch.testing.assert_close(norm(x).pow(2).mean(-1), torch.ones(3), rtol=1e-4, atol=1e-4)
     q = torch.randn(1, 2, 4, 16)
     pos = torch.arange(4)[None]
-    from ming.llm import rope_cos_sin
+    from ming.layers import rope_cos_sin
 
     cos, sin = rope_cos_sin(pos, 16, 600000.0)
     rotated = apply_rope(q, cos, sin)
@@ -83,15 +84,15 @@ def test_kv_cache_decode_equals_full_recompute():
     ids = torch.randint(0, 126464, (1, 9), generator=torch.Generator().manual_seed(2))
     want = full_logits(llm, ids)
     prompt = 5
-    caches = llm.new_caches(1, 12, torch.float32, "cpu")
-    valid = torch.zeros(1, 12, dtype=torch.bool)
+    cache = llm.new_cache(1, 12, torch.float32, "cpu")
+    valid = cache.valid
     valid[:, :prompt] = True
     hidden = llm.model(
         llm.model.word_embeddings(ids[:, :prompt]),
         torch.arange(prompt)[None],
-        prefill_mask(valid[:, :prompt]),
+        prompt_mask(valid[:, :prompt]),
         None,
-        caches,
+        cache,
         torch.arange(prompt),
     )
     torch.testing.assert_close(llm.logits(hidden), want[:, :prompt], rtol=1e-4, atol=1e-5)
@@ -102,7 +103,7 @@ def test_kv_cache_decode_equals_full_recompute():
             torch.tensor([[i]]),
             decode_mask(valid),
             None,
-            caches,
+            cache,
             torch.tensor([i]),
         )
         torch.testing.assert_close(llm.logits(hidden)[:, 0], want[:, i], rtol=1e-4, atol=1e-5)
@@ -146,7 +147,7 @@ def test_left_padded_row_equals_its_unpadded_run():
     valid = torch.ones(2, 8, dtype=torch.bool)
     valid[0, :2] = False
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = llm.model(llm.model.word_embeddings(batch), positions, prefill_mask(valid), None)
+    hidden = llm.model(llm.model.word_embeddings(batch), positions, prompt_mask(valid), None)
     torch.testing.assert_close(llm.logits(hidden)[0, 2:], want[0], rtol=1e-4, atol=1e-5)
 
 
@@ -161,3 +162,22 @@ def test_ngram_guard_equals_the_brute_force_rule():
             want = sorted({history[i + n - 1] for i in range(t - n + 1) if tuple(history[i : i + n - 1]) == prefix})
             assert guard.banned() == want
             guard.append(seq[t])
+
+
+def test_chunks_prefilled_after_earlier_ones_equal_one_prompt():
+    """A prompt prefilled in three chunks at growing cache offsets (each attending over the cache) gives the
+    logits of the whole prompt at once: what chunked prefill and cache prefixes rely on."""
+    llm = tiny_llm()
+    ids = torch.randint(0, 126464, (1, 11), generator=torch.Generator().manual_seed(5))
+    want = full_logits(llm, ids)
+    cache = llm.new_cache(1, 16, torch.float32, "cpu")
+    got = []
+    for start, end in ((0, 4), (4, 9), (9, 11)):
+        slots = torch.arange(start, end)
+        cache.valid[:, start:end] = True
+        hidden = llm.model(llm.model.word_embeddings(ids[:, start:end]), slots[None], cache_mask(cache.valid, slots),
+                           None, cache, slots)
+        got.append(llm.logits(hidden))
+    torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=1e-4, atol=1e-5)
+    # The mask really is causal inside a chunk: query slot 5 sees slots 0..5 and nothing later.
+    assert cache_mask(cache.valid, torch.arange(4, 9))[0, 0, 1].tolist() == [True] * 6 + [False] * 10

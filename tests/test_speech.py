@@ -30,7 +30,7 @@ from ming.speech.streaming import (
     to_int16,
     units,
 )
-from ming.speech.talker import KVCache, Talker
+from ming.speech.talker import Talker
 from ming.testing.speech import write_tiny_speech_assets, write_tiny_talker
 from ming.speech.voices import BUNDLED_VOICES_DIR
 
@@ -107,7 +107,7 @@ def test_talker_matches_reference_logits(talker):
 
     with torch.inference_mode():
         decoder = talker.model.model
-        cache = KVCache(talker.config, 32, talker.dtype, talker.device)
+        cache = talker.model.model.new_cache(32, talker.dtype, talker.device)
         shared = decoder.prefill(talker.embed_prefix(golden["speaker_embedding"], golden["thinker_states"]), cache)
         steps = [(tok.ids["<audio_bos>"], text_ids[0])] + list(zip(golden["step_audio_ids"], golden["step_text_ids"]))
         hidden = [
@@ -129,8 +129,8 @@ def test_talker_decode_steps_equal_one_causal_pass(talker):
         embeds = talker.embed_prefix(torch.randn(1, 192), torch.randn(1, 9, 64))
         n = embeds.shape[1]
         decoder = talker.model.model
-        whole = decoder.prefill(embeds, KVCache(talker.config, n, talker.dtype, talker.device))
-        cache = KVCache(talker.config, n + 3, talker.dtype, talker.device)
+        whole = decoder.prefill(embeds, decoder.new_cache(n, talker.dtype, talker.device))
+        cache = decoder.new_cache(n + 3, talker.dtype, talker.device)
         parts = [decoder.prefill(embeds[:, :5], cache)]
         parts += [decoder.decode(embeds[:, i : i + 1], torch.tensor([i]), cache) for i in range(5, n)]
     assert cache.valid[0].tolist() == [True] * n + [False] * 3
@@ -178,7 +178,7 @@ def test_talker_loads_tied_head_and_base_vocab_config(talker_ckpt, tmp_path):
     tied = Talker.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert tied.model.lm_head.weight is tied.model.model.embed_tokens.weight
     assert tied.config.vocab_size == weights["talker.model.model.embed_tokens.weight"].shape[0]
-    assert tied.model.lm_head.weight.dtype == torch.bfloat16 and tied.model.model.inv_freq.dtype == torch.float32
+    assert tied.model.lm_head.weight.dtype == torch.bfloat16
     context = tied.start(torch.randn(1, 192), None)
     assert 10 <= len(tied.generate(context, "Hi.", torch.Generator().manual_seed(0), max_new_tokens=11)) <= 11
 
@@ -469,11 +469,11 @@ def test_speech_to_speech_on_the_tiny_checkpoint(tmp_path):
         yield decoder.flush()
 
     chunks = []
-    for event in speech.stream(thinker_text(), thinker_states=stream.talker_condition, seed=0):
+    for event in speech.stream(thinker_text(), thinker_states=stream.thinker_states, seed=0):
         if event.audio is not None:
             order.append("audio")
             chunks.append(event.audio)
-    assert stream.talker_condition.shape[0] == 1 and stream.talker_condition.shape[2] == 64
+    assert stream.thinker_states.shape[0] == 1 and stream.thinker_states.shape[2] == 64
     assert order.count("audio") >= 2
     assert order.index("audio") < order.index("text done")
     assert all(c.dtype == np.int16 for c in chunks) and sum(map(len, chunks)) > 0

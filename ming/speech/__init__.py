@@ -2,7 +2,7 @@
 waveform) and sentence-by-sentence streaming on top of them.
 
     speech = SpeechGenerator.from_pretrained(ckpt_dir, device="cpu", dtype=torch.float32)
-    for event in speech.stream(text_deltas, thinker_states=stream.talker_condition, voice="luna"): ...
+    for event in speech.stream(text_deltas, thinker_states=stream.thinker_states, voice="luna"): ...
     sample_rate, pcm = speech.synthesize("Text to read aloud.", voice="luna")
 """
 

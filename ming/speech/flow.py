@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decoding import graphs_allowed
+from ..layers import CapturedStep, graphs_allowed
 
 
 @dataclass
@@ -497,20 +497,18 @@ class ConditionalFlowMatching(nn.Module):
 
 
 class GraphedEstimator:
-    """The U-Net velocity estimator captured in a CUDA graph for one set of input shapes (one utterance). Only x and
-    t change between Euler steps; mu, speaker and cond are captured as they are."""
+    """The U-Net velocity estimator captured for one set of input shapes (one utterance). Only x and t change
+    between Euler steps; mu, speaker and cond are captured as they are. The caller's first, eager step is the
+    warm-up."""
 
     def __init__(self, estimator: nn.Module, x, mu, t, speaker, cond):
         self.x, self.t = x.clone(), t.clone()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.velocity = estimator(self.x, mu, self.t, speaker, cond)
+        self.run = CapturedStep(lambda: estimator(self.x, mu, self.t, speaker, cond), x.device, warmups=0)
 
     def __call__(self, x, mu, t, speaker, cond) -> torch.Tensor:
         self.x.copy_(x)
         self.t.copy_(t)
-        self.graph.replay()
-        return self.velocity
+        return self.run()
 
 
 class FlowDecoder(nn.Module):

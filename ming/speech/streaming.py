@@ -250,7 +250,7 @@ class SpeechGenerator:
         stop_event: threading.Event | None = None,
     ) -> Iterator[SpeechEvent]:
         """Speak text as it is written. thinker_states: [1, L_prompt, thinker_hidden] (the thinker's
-        `talker_condition`) or None for plain TTS. With a seed, piece k is spoken exactly as
+        `TokenStream.thinker_states`) or None for plain TTS. With a seed, piece k is spoken exactly as
         `speak(piece, seed=seed + k)` would speak it (same talker sampling and detokenizer noise)."""
         speaker = self.voice_bank.get(voice)
         self._check_thinker_states(thinker_states)

@@ -27,18 +27,24 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import nn
 
-from ..decoding import cache_bucket, graphs_allowed
-from ..llm import MLP, RMSNorm, use_triton
-
-try:  # Triton comes with CUDA builds of torch; the CPU path never needs it.
-    from .. import kernels
-except ImportError:
-    kernels = None
+from ..layers import (
+    MLP,
+    CapturedStep,
+    KVCache,
+    RMSNorm,
+    TunedKernels,
+    attend,
+    cache_bucket,
+    decode_mask,
+    few_tokens,
+    graphs_allowed,
+    linear,
+    rope_cos_sin,
+)
 from ..loading import CheckpointError, checkpoint_files, materialize, params_on_meta
 
 WEIGHT_PREFIX = "talker."
@@ -133,28 +139,10 @@ class TalkerLMConfig:
         )
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+class Attention(nn.Module, TunedKernels):
+    """Qwen2 attention: separate q/k/v projections with biases, written side by side into one qkv buffer (the
+    thinker's fused layout), so both models share `ming.layers.attend`."""
 
-
-class KVCache:
-    """Keys and values of every layer in fixed slots, [1, kv_heads, capacity, head_dim], and which slots hold a
-    position (`valid`). Fixed shapes let a decode step be replayed from a CUDA graph; going back to a shorter
-    prefix is just marking the later slots invalid."""
-
-    def __init__(self, config: TalkerLMConfig, capacity: int, dtype: torch.dtype, device: torch.device):
-        shape = (1, config.num_key_value_heads, capacity, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.valid = torch.zeros(1, capacity, dtype=torch.bool, device=device)
-
-    @property
-    def capacity(self) -> int:
-        return self.valid.shape[1]
-
-
-class Attention(nn.Module):
     def __init__(self, config: TalkerLMConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -165,60 +153,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        slots: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """x: [1, n, H] at cache `slots` [n]. mask None: x is a whole sequence from slot 0 and attends causally to
-        itself; otherwise mask [1, 1, 1, capacity] says which cache slots the (single) new position sees."""
+    def forward(self, x: torch.Tensor, input_norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Self-attention of input_norm(x) for x [1, n, H] at cache `slots` [n]; mask as for `ming.layers.attend`
+        (None: a sequence from slot 0, causal over itself)."""
         _, n, _ = x.shape
-        q = self.q_proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        keys.index_copy_(2, slots, k)
-        values.index_copy_(2, slots, v)
-        gqa = self.num_kv_heads != self.num_heads
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(1, n, self.num_heads * self.head_dim))
-
-    def fused_decode(
-        self, x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-        values: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
-    ) -> torch.Tensor:
-        """`forward` of norm(x) for one new position on the GPU, in six kernels: the norm inside the q/k/v GEMVs
-        (written side by side, the thinker's fused layout), RoPE + cache write, flash-decoding attention over the
-        valid slots [1, capacity], the output GEMV. cos/sin float32 [1, 1, head_dim]. Returns [1, H]."""
-        h = x.reshape(1, -1)
-        qkv = h.new_empty(1, 1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        flat, start = qkv.view(1, -1), 0
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            end = start + proj.weight.shape[0]
-            kernels.gemv(h, proj.weight, (norm.weight, norm.eps), bias=proj.bias, out=flat[:, start:end])
-            start = end
-        kernels.rope_(qkv, cos, sin, self.num_heads, self.num_kv_heads, (keys, values), slot)
-        out = kernels.decode_attention(qkv, keys, values, valid, self.num_heads)
-        return kernels.gemv(out.reshape(1, -1), self.o_proj.weight)
-
-
-def use_fused_decode(h: torch.Tensor, cache: "KVCache") -> bool:
-    """One new bf16 position on an Ampere-or-newer GPU over a power-of-two cache (the graphed sizes), with heads
-    of at least 16 (a power of two: the attention kernel's tile): the Triton kernels."""
-    capacity, head_dim = cache.capacity, cache.keys[0].shape[-1]
-    return (
-        use_triton(h) and h.shape[1] == 1 and capacity & (capacity - 1) == 0
-        and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    )
+        # A few tokens on the GPU: the norm runs inside each projection's GEMV; otherwise once, up front.
+        fused_norm = few_tokens(x)
+        h = x if fused_norm else input_norm(x)
+        qkv = torch.cat([linear(h, proj, input_norm if fused_norm else None, self.kernel_tuning)
+                         for proj in (self.q_proj, self.k_proj, self.v_proj)], dim=-1)
+        qkv = qkv.view(1, n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        out = attend(qkv, rope, self.num_heads, self.num_kv_heads, mask, cache, slots, self.kernel_tuning)
+        return linear(out, self.o_proj, tuning=self.kernel_tuning)
 
 
 class DecoderLayer(nn.Module):
@@ -229,17 +177,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)  # Qwen2's SwiGLU is the LLM's
 
-    def forward(self, x, cos, sin, keys, values, slots, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, keys, values, slots, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def fused_decode(self, x, cos, sin, keys, values, slot, valid) -> torch.Tensor:
-        """`forward` for one new position on the GPU: ten kernels instead of about thirty."""
-        attention = self.self_attn.fused_decode(x, self.input_layernorm, cos, sin, keys, values, slot, valid)
-        norm, mlp = self.post_attention_layernorm, self.mlp
-        x, h = kernels.rms_norm(x.reshape(1, -1), norm.weight, norm.eps, delta=attention)
-        y = kernels.mlp_gemv(h, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, residual=x)
-        return y.view(1, 1, -1)
+    def forward(self, x, rope, cache, slots, mask) -> torch.Tensor:
+        attention = self.self_attn(x, self.input_layernorm, rope, cache, slots, mask)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attention)
+        return self.mlp(h, residual=x)
 
 
 class Qwen2Decoder(nn.Module):
@@ -251,9 +192,10 @@ class Qwen2Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def new_cache(self, capacity: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        c = self.config
+        return KVCache.empty(c.num_hidden_layers, 1, c.num_key_value_heads, capacity, c.head_dim, dtype, device)
 
     def prefill(self, inputs_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """A sequence [1, n, H] at positions 0..n-1 into an empty cache. Returns hidden states [1, n, H]."""
@@ -265,20 +207,12 @@ class Qwen2Decoder(nn.Module):
         """One new position [1, 1, H] at `position` ([1], on the device: no host sync, so it can be graphed),
         attending to every valid cache slot and itself. Returns [1, 1, H]."""
         cache.valid.index_fill_(1, position, True)
-        return self._run(inputs_embeds, position, cache, mask=cache.valid[:, None, None, :])
+        return self._run(inputs_embeds, position, cache, mask=decode_mask(cache.valid))
 
     def _run(self, h: torch.Tensor, slots: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
-        angles = slots.float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos()[None], angles.sin()[None]  # [1, n, head_dim]
-        fused = mask is not None and use_fused_decode(h, cache)
-        if not fused:  # the fused kernels rotate in float32; the plain path in the activation dtype, as released
-            cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        rope = rope_cos_sin(slots[None], self.config.head_dim, self.config.rope_theta)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            if fused:
-                h = layer.fused_decode(h, cos, sin, keys, values, slots, cache.valid)
-            else:
-                h = layer(h, cos, sin, keys, values, slots, mask)
+            h = layer(h, rope, (keys, values), slots, mask)
         return self.norm(h)
 
 
@@ -305,10 +239,10 @@ class DecodeStep:
         self.ids = torch.zeros(1, 2, dtype=torch.long, device=device)  # audio-stream id, text-stream id
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.eos_penalty = torch.zeros((), device=device)  # -inf while <audio_eos> is refused
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-        if graphs_allowed(device):
-            self._capture()
+        # Warm-up and capture run at the last slot, which generation never reaches (see Talker.start).
+        self.position.fill_(cache.capacity - 1)
+        self.run = CapturedStep(self._step, device)
+        self.cache.valid[:, -1] = False
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         talker = self.talker
@@ -316,30 +250,12 @@ class DecodeStep:
         hidden = talker.model.model.decode(embeds, self.position, self.cache)
         return talker.candidates(talker.logits(hidden[0, -1]), self.eos_penalty)
 
-    def _capture(self) -> None:
-        # Warm-up and capture run at the last slot, which generation never reaches (see Talker.start).
-        last = self.cache.capacity - 1
-        self.position.fill_(last)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # lets kernels pick their algorithms and allocate workspaces
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self._step()
-        self.cache.valid[:, last] = False
-
     def __call__(self, audio_id: int, text_id: int, position: int, allow_eos: bool):
         """Top-k (logits, ids) on the device."""
         self.ids.copy_(torch.tensor([[audio_id, text_id]]))
         self.position.fill_(position)
         self.eos_penalty.fill_(0.0 if allow_eos else float("-inf"))
-        if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        return self.outputs
+        return self.run()
 
 
 @dataclass
@@ -366,6 +282,7 @@ class Talker(nn.Module):
         self.model = TalkerLM(config)
         self.thinker_to_talker_proj = nn.Linear(thinker_hidden_size, config.hidden_size)
         self.vp_head = nn.Conv1d(speaker_dim, config.hidden_size, speaker_kernel, padding=speaker_kernel // 2)
+        self.captured_steps: dict[int, tuple[KVCache, DecodeStep]] = {}  # per power-of-two cache size
         if tokenizer.audio_offset >= config.vocab_size:
             raise ValueError(f"talker vocab {config.vocab_size} leaves no room for audio tokens after the text vocab")
 
@@ -443,7 +360,7 @@ class Talker(nn.Module):
         return embeds
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        return linear(hidden, self.model.lm_head, out_dtype=torch.float32)
 
     def candidates(self, logits: torch.Tensor, eos_penalty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k 20 (logits, ids) among the audio tokens and `<audio_eos>` (its logit + `eos_penalty`).
@@ -475,20 +392,20 @@ class Talker(nn.Module):
         With CUDA graphs they are kept per power-of-two size and reused by later replies, as the thinker's are:
         capturing a step costs two eager steps and a capture (~0.1 s) that would otherwise delay every reply's
         first sound. So a talker speaks one reply at a time (the app runs one GPU job at a time)."""
+        decoder = self.model.model
         if not graphs_allowed(self.device):
-            cache = KVCache(self.config, slots, self.dtype, self.device)
+            cache = decoder.new_cache(slots, self.dtype, self.device)
             return cache, DecodeStep(self, cache)
         capacity = cache_bucket(slots)
-        steps: dict[int, tuple[KVCache, DecodeStep]] = self.__dict__.setdefault("_decode_steps", {})
-        if capacity not in steps:
-            cache = KVCache(self.config, capacity, self.dtype, self.device)
-            steps[capacity] = (cache, DecodeStep(self, cache))
-        cache, step = steps[capacity]
+        if capacity not in self.captured_steps:
+            cache = decoder.new_cache(capacity, self.dtype, self.device)
+            self.captured_steps[capacity] = (cache, DecodeStep(self, cache))
+        cache, step = self.captured_steps[capacity]
         cache.valid.zero_()
         return cache, step
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_decode_steps", None)  # captured for the old device / dtype
+        self.captured_steps.clear()  # captured for the old device / dtype
         return super()._apply(fn, *args, **kwargs)
 
     @torch.inference_mode()

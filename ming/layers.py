@@ -1,0 +1,311 @@
+"""Layers that the thinker, the talker and the flow decoder share; each layer picks its own kernel.
+
+On a CUDA GPU with bf16 weights (Ampere or newer), a few tokens at a time (decoding) run through the Triton kernels
+of `ming/kernels.py`; everything else (the CPU, float32, prompts) runs the plain PyTorch here, which is also the
+reference every kernel is tested against (tests/test_cuda.py). Model files call these layers and never branch on
+the device.
+
+Also here: the static KV cache, RoPE, and `CapturedStep`, the one place a step is captured as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # Triton comes with CUDA builds of torch; the CPU path never needs it.
+    from . import kernels
+    from .kernels import DEFAULT_TUNING, KernelTuning
+except ImportError:
+    kernels = None
+    DEFAULT_TUNING = KernelTuning = None
+
+FEW_TOKENS = 8  # at most this many rows take the fused decode kernels; more rows take the prompt path
+
+
+# ------------------------------------------------------------------------------------------------ kernel choice
+def use_triton(x: torch.Tensor) -> bool:
+    """The fused GPU kernels of ming/kernels.py: CUDA, bf16, Ampere or newer (bf16 tensor cores)."""
+    return (
+        kernels is not None
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 8
+    )
+
+
+def few_tokens(x: torch.Tensor) -> bool:
+    """Whether activations x [..., H] take the fused decode kernels (GEMVs with the norm inside, add + norm +
+    route, the gathered-expert MoE). The one predicate for all of them, so a batch never mixes the two paths: up
+    to FEW_TOKENS rows, reading each chosen weight row per token wins; above it, the prompt path's GEMMs read each
+    weight once for all rows."""
+    return use_triton(x) and x.numel() // x.shape[-1] <= FEW_TOKENS
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """Grouped GEMM needs CUDA, bf16 and Hopper-class (sm90+) tensor cores; everything else takes the loop."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+class TunedKernels:
+    """Mixin for layers that launch tuned kernels: they read `kernel_tuning`, which a model sets on all of its
+    layers at once (`set_kernel_tuning`), never a module global."""
+
+    kernel_tuning: "KernelTuning | None" = DEFAULT_TUNING
+
+
+def set_kernel_tuning(model: nn.Module, tuning: "KernelTuning") -> None:
+    """Give every kernel-launching layer of `model` the block shapes `tuning` (bench/profile_decode.py tries
+    variants this way). Captured steps must be captured again afterwards (`model.captured_steps.clear()`)."""
+    for module in model.modules():
+        if isinstance(module, TunedKernels):
+            module.kernel_tuning = tuning
+
+
+# ------------------------------------------------------------------------------------------------------ layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
+        # Normalise in float32, scale in the input dtype (the release's order of operations).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)): the residual add and the next norm, one kernel on the GPU."""
+        if use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps, delta=delta)
+        x = x + delta
+        return x, self(x)
+
+
+def linear(
+    x: torch.Tensor,
+    layer: nn.Linear,
+    norm: RMSNorm | None = None,
+    tuning: "KernelTuning | None" = DEFAULT_TUNING,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """layer(norm(x)) over x [..., K] (`norm` optional), as `out_dtype` (default x's, after rounding to the weight's
+    dtype). For a few tokens on the GPU, one GEMV kernel with the norm inside: faster than cuBLAS at batch 1."""
+    if few_tokens(x):
+        flat = x.reshape(-1, x.shape[-1])
+        y = kernels.gemv(flat, layer.weight, None if norm is None else (norm.weight, norm.eps), out_dtype=out_dtype,
+                         bias=layer.bias, tuning=tuning)
+        return y.view(*x.shape[:-1], -1)
+    y = layer(x if norm is None else norm(x))
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+class MLP(nn.Module, TunedKernels):
+    """SwiGLU feed-forward: the thinker's shared expert and the talker's (Qwen2) MLP."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of x [..., H], plus `residual` when given (added inside the last kernel on the GPU)."""
+        if few_tokens(x):
+            H = x.shape[-1]
+            y = kernels.mlp_gemv(x.reshape(-1, H), self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                                 residual=None if residual is None else residual.reshape(-1, H),
+                                 tuning=self.kernel_tuning)
+            return y.view(x.shape)
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if residual is None else residual + y
+
+
+# -------------------------------------------------------------------------------------------------------- RoPE
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, L, head_dim] for NeoX-style rotation over the full head dim, in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, L, D]; cos/sin: [B, L, D]. Rotating a key at position p by the angles of p' - p gives the key
+    at p' (used to move cached keys to new positions)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------------------------------------------- KV cache
+@dataclass
+class KVCache:
+    """Static keys and values of every layer, [B, kv_heads, capacity, head_dim] each (keys stored rotated), and
+    which slots hold a token. Fixed shapes let a decode step be replayed from a CUDA graph; forgetting tokens is
+    just marking their slots invalid."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # [B, capacity] bool
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device | str) -> "KVCache":
+        shape = (batch, kv_heads, capacity, head_dim)
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+
+def prompt_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
+    """Mask for a prompt of L tokens over its own keys: None (plain causal) without padding, else a boolean
+    [B, 1, L, L] mask in which query i sees the valid keys at positions <= i. key_valid: [B, L], False at padding."""
+    if bool(key_valid.all()):
+        return None
+    L = key_valid.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=key_valid.device).tril()
+    # A fully padded query row would give NaN in softmax; let it see itself (its output is never used).
+    mask = (causal[None] & key_valid[:, None, :]) | torch.eye(L, dtype=torch.bool, device=key_valid.device)
+    return mask[:, None]
+
+
+def cache_mask(valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Mask [B, 1, L, S] for queries at cache `slots` [L] over all S cache slots: each sees the valid slots up to
+    its own. `valid` [B, S] must already include the queries' slots."""
+    visible = torch.arange(valid.shape[1], device=valid.device)[None, :] <= slots[:, None]  # [L, S]
+    return (valid[:, None, :] & visible[None])[:, None]
+
+
+def decode_mask(valid: torch.Tensor) -> torch.Tensor:
+    """`cache_mask` for one new token per row whose slot is the newest valid one: [B, 1, 1, S]."""
+    return valid[:, None, None, :]
+
+
+def attend(
+    qkv: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    num_heads: int,
+    num_kv_heads: int,
+    mask: torch.Tensor | None,
+    cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    slots: torch.Tensor | None = None,
+    tuning: "KernelTuning | None" = DEFAULT_TUNING,
+) -> torch.Tensor:
+    """Rotary attention over the projected qkv [B, L, num_heads + 2 num_kv_heads, D] (contiguous); returns
+    [B, L, num_heads * D].
+
+    With a cache (keys, values) [B, kv_heads, S, D], the new keys and values are first written at `slots` [L].
+    `mask` (boolean, True where a query may attend) says what the queries see: None is plain causal attention over
+    the new tokens (lets SDPA pick its flash kernel); [B, 1, L, L] is over the new tokens; [B, 1, L, S] is over the
+    whole cache (decode steps, and chunks prefilled after earlier ones)."""
+    B, L, _, D = qkv.shape
+    split = [num_heads, num_kv_heads, num_kv_heads]
+    over_cache = cache is not None and mask is not None and mask.shape[-1] == cache[0].shape[2] != L
+    if use_triton(qkv):
+        # One kernel rotates q/k in place and writes k/v into the cache; one token then attends in two more.
+        kernels.rope_(qkv, *rope, num_heads, num_kv_heads, cache, slots)
+        if over_cache and L == 1 and flash_decoding_fits(cache[0]):
+            out = kernels.decode_attention(qkv, *cache, mask.reshape(B, -1), num_heads, tuning)
+            return out.view(B, 1, -1)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
+    else:
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            cache[0].index_copy_(2, slots, k)
+            cache[1].index_copy_(2, slots, v)
+    if over_cache:
+        k, v = cache
+        if L == 1:
+            return grouped_decode_attention(q, k, v, mask).view(B, 1, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                         enable_gqa=num_kv_heads != num_heads)
+    return out.transpose(1, 2).reshape(B, L, -1)
+
+
+def flash_decoding_fits(keys: torch.Tensor) -> bool:
+    """The flash-decoding kernel's shapes: a power-of-two cache and a power-of-two head dim of at least 16."""
+    S, D = keys.shape[2], keys.shape[3]
+    return S & (S - 1) == 0 and D >= 16 and D & (D - 1) == 0
+
+
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """One query per row [B, heads, 1, D] over the whole cache. The query heads of a KV group attend together, so
+    each cached key and value is read once (no repeated KV heads), which is what a memory-bound step wants."""
+    B, heads, _, D = q.shape
+    kv_heads = keys.shape[1]
+    q = q.view(B, kv_heads, heads // kv_heads, D)
+    scores = (q @ keys.transpose(-1, -2)).float() / D**0.5  # [B, kv, groups, S]
+    scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    out = scores.softmax(dim=-1).to(q.dtype) @ values  # [B, kv, groups, D]
+    return out.view(B, heads, D)
+
+
+# ------------------------------------------------------------------------------------------------- CUDA graphs
+MIN_BUCKET = 1024
+T = TypeVar("T")
+
+
+def graphs_allowed(device: torch.device | str) -> bool:
+    """CUDA graphs on this device, unless MING_CUDA_GRAPHS=0."""
+    return torch.device(device).type == "cuda" and os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
+
+
+def cache_bucket(slots: int) -> int:
+    """The power-of-two cache size, at least MIN_BUCKET, that holds `slots`: the GPU kernels read caches in
+    power-of-two chunks, and a few sizes let captured steps be reused across requests."""
+    return max(MIN_BUCKET, 1 << (slots - 1).bit_length())
+
+
+class CapturedStep(Generic[T]):
+    """`step()`, a function of fixed buffers, replayed from a CUDA graph where graphs are allowed: one launch
+    instead of hundreds of kernel launches from Python, which is what bounds small-batch decoding otherwise.
+    (ZeroGPU forbids torch.compile at run time; CUDA graphs are fine.) Elsewhere it simply calls `step`.
+
+    Warm-up and capture run on one side stream, so that buffers the kernels keep per stream exist before the
+    capture. `warmups=0` when the caller has just run the step eagerly itself."""
+
+    def __init__(self, step: Callable[[], T], device: torch.device | str, warmups: int = 2):
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: T | None = None
+        if not graphs_allowed(device):
+            return
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmups):  # lets kernels pick their algorithms and allocate workspaces
+                step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=stream):
+            self.output = step()
+
+    def __call__(self) -> T:
+        if self.graph is None:
+            return self.step()
+        self.graph.replay()
+        return self.output
