@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -496,7 +497,6 @@ class CallSession:
     def __init__(self, respond: Responder, config: TurnConfig | None = None, *, barge_in: bool = True,
                  playback_latency_s: float = 0.8, vad: Callable[[np.ndarray], float] | None = None,
                  clock: Callable[[], float] | None = None) -> None:
-        import time
         self._respond = respond
         self._detector = TurnDetector(config, vad)
         self._barge_in = barge_in
@@ -528,6 +528,12 @@ class CallSession:
             return self._detector.now_s
 
     @property
+    def user_speaking(self) -> bool:
+        """The visitor is in the middle of a turn (for a "hearing you..." status)."""
+        with self._lock:
+            return self._detector.in_speech
+
+    @property
     def config(self) -> TurnConfig:
         return self._detector.config
 
@@ -546,7 +552,8 @@ class CallSession:
     # -- microphone thread
 
     def feed(self, chunk: Any) -> list[Event]:
-        """Take one microphone chunk. Returns the detector's events followed by what the call made of them."""
+        """Take one microphone chunk. Returns its events in order, each detector event followed by what the
+        call made of it (`BargeIn`, `TurnQueued`, `CallEnded`)."""
         with self._lock:
             if self._state is CallState.ENDED:
                 self.chunks_after_end += 1

@@ -148,6 +148,7 @@ def test_cough_length_speech_burst_is_ignored(utterances, offset_s):
     burst = utterances[2][int(offset_s * SR):int((offset_s + 0.2) * SR)]   # 0.2 s of real speech
     events = scan((SR, np.concatenate([floor(1.0), burst, floor(2.0), burst, floor(2.0)])))
     assert of(events, TurnEnded) == [] and of(events, SpeechStarted) == []
+    assert len(of(events, SpeechIgnored)) == 2   # the VAD did hear both: they were too short to count
 
 
 def test_cough_like_noise_burst_is_ignored():
@@ -421,7 +422,9 @@ def test_hang_up_stops_the_reply_and_ends_the_call(utterances):
 def test_hang_up_mid_sentence_drops_the_unfinished_utterance(utterances):
     session = CallSession(FakeResponder())
     feed_all(session, np.concatenate([floor(1.0), utterances[0][:SR]]))
+    assert session.user_speaking and session.state is CallState.LISTENING
     session.hang_up()
+    assert not session.user_speaking
     assert session.transcript() == []
 
 
