@@ -2,7 +2,7 @@
 
     python app.py [--model PATH_OR_HUB_ID] [--host 0.0.0.0] [--port 7860] [--share]
 
-Layout and event wiring only; everything that touches the model is in `ming/engine.py`.
+Layout and event wiring only: the model, the checks and the tabs' flows are in `serving/`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home at start
 
 import argparse
+import functools
 import logging
 import sys
+from collections.abc import Callable, Iterator
 
 import gradio as gr
 
-from ming import engine
-from ming.engine import Sampling
 from ming.processor import ASR_PROMPT
+from serving import checks, flows, render
+from serving.checks import sampling_config
+from serving.engine import load_engine, stop_session
+from serving.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(HERE, "examples")
@@ -42,9 +46,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-ENGINE = engine.load(ARGS.model)  # at import, once: ZeroGPU packs the weights before the first request
+ENGINE = load_engine(ARGS.model)  # at import, once: ZeroGPU packs the weights before the first request
 
-GPU_EVENT = dict(concurrency_id=engine.CONCURRENCY_ID, concurrency_limit=1)
+# Every event that runs the model shares one queue slot: one request on the GPU at a time.
+GPU_EVENT = dict(concurrency_id="gpu", concurrency_limit=1)
 VOICES = ENGINE.voices
 DEFAULT_VOICE = "luna" if "luna" in VOICES else (VOICES[0] if VOICES else None)
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
@@ -52,17 +57,38 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
 
 
 # ============================================================================================================ handlers
+def shows_errors(handler: Callable[..., Iterator]) -> Callable[..., Iterator]:
+    """Turn the serving layer's UserError into Gradio's error toast (with its title, and no traceback)."""
+
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            yield from handler(*args, **kwargs)
+        except UserError as error:
+            raise gr.Error(error.message, title=error.title, print_exception=False) from None
+
+    return wrapped
+
+
+def show_notice(progress: flows.Progress) -> None:
+    if progress.notice:
+        gr.Info(progress.notice, duration=6)
+
+
+@shows_errors
 def chat(message, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, request: gr.Request):
     message = message or {}
-    sampling = Sampling(temperature, top_p, max_new_tokens)
+    sampling = sampling_config(temperature, top_p, max_new_tokens)
     first = True
-    for updated, progress in engine.chat(turns, message.get("text", ""), message.get("files", []), system_prompt,
-                                         sampling, speak, voice, request.session_hash):
+    for updated, progress in flows.chat(turns, message.get("text", ""), message.get("files", []), system_prompt,
+                                        sampling, speak, voice, request.session_hash):
+        show_notice(progress)
         cleared = None if first else gr.skip()
         first = False
-        yield engine.chat_messages(updated, pending=not progress.done), progress.audio or gr.skip(), cleared, updated
+        yield render.chat_messages(updated, pending=not progress.done), progress.audio or gr.skip(), cleared, updated
 
 
+@shows_errors
 def retry_chat(turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, request: gr.Request):
     if not turns:
         return
@@ -85,39 +111,45 @@ def undo_chat(turns):
     if not turns:
         return [], gr.skip(), []
     last = turns[-1]
-    return (engine.chat_messages(turns[:-1]), {"text": last.text, "files": [path for _, path in last.media]},
+    return (render.chat_messages(turns[:-1]), {"text": last.text, "files": [path for _, path in last.media]},
             turns[:-1])
 
 
+@shows_errors
 def vision_qa(image, video, question, max_new_tokens, request: gr.Request):
-    yield from engine.vision_qa(image, video, question, Sampling(max_new_tokens=max_new_tokens),
-                                request.session_hash)
+    yield from flows.vision_qa(image, video, question, sampling_config(max_new_tokens=max_new_tokens),
+                               request.session_hash)
 
 
+@shows_errors
 def asr(audio, request: gr.Request):
-    yield from engine.asr(audio, request.session_hash)
+    yield from flows.asr(audio, request.session_hash)
 
 
+@shows_errors
 def speech_to_speech(audio, turns, voice, max_new_tokens, request: gr.Request):
-    sampling = Sampling(max_new_tokens=max_new_tokens)
+    sampling = sampling_config(max_new_tokens=max_new_tokens)
     first = True
-    for updated, progress in engine.speech_to_speech(turns, audio, voice, sampling, request.session_hash):
+    for updated, progress in flows.speech_to_speech(turns, audio, voice, sampling, request.session_hash):
+        show_notice(progress)
         cleared = None if first else gr.skip()  # the recording moves into the conversation; the mic is ready again
         first = False
-        yield engine.chat_messages(updated, pending=not progress.done), progress.audio or gr.skip(), cleared, updated
+        yield render.chat_messages(updated, pending=not progress.done), progress.audio or gr.skip(), cleared, updated
 
 
+@shows_errors
 def thinking(text, image, turns, max_new_tokens, request: gr.Request):
-    sampling = Sampling(max_new_tokens=max_new_tokens)
+    sampling = sampling_config(max_new_tokens=max_new_tokens)
     first = True
-    for updated, progress in engine.thinking(turns, text, image, sampling, request.session_hash):
+    for updated, progress in flows.thinking(turns, text, image, sampling, request.session_hash):
+        show_notice(progress)
         cleared = ("", None) if first else (gr.skip(), gr.skip())
         first = False
-        yield engine.thinking_chat_messages(updated, pending=not progress.done), *cleared, updated
+        yield render.thinking_chat_messages(updated, pending=not progress.done), *cleared, updated
 
 
 def stop(request: gr.Request):
-    engine.stop(request.session_hash)
+    stop_session(request.session_hash)
 
 
 # ============================================================================================================== layout
@@ -163,9 +195,9 @@ def build_chat_tab():
             voice = voice_dropdown()
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", info="0 = greedy")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-            max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
+            max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
                                        elem_id="chat-max-tokens")
-            gr.Markdown(engine.LIMITS_MARKDOWN, elem_classes="limits")
+            gr.Markdown(checks.LIMITS_MARKDOWN, elem_classes="limits")
 
     photo.change(attach, [box, photo], [box, photo], api_visibility="private", queue=False)
     clip.change(attach, [box, clip], [box, clip], api_visibility="private", queue=False)
@@ -207,10 +239,10 @@ def build_vision_tab():
         ask = gr.Button("Ask", variant="primary")
         stop_button = gr.Button("Stop", variant="stop", elem_id="vqa-stop")
     with gr.Accordion("Settings", open=False, elem_id="vqa-settings"):
-        max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
+        max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
                                    elem_id="vqa-max-tokens")
     answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="vqa-answer")
-    gr.Markdown(engine.LIMITS_MARKDOWN, elem_classes="limits")
+    gr.Markdown(checks.LIMITS_MARKDOWN, elem_classes="limits")
     inputs = [image, video, question, max_new_tokens]
     events = [ask.click(vision_qa, inputs, answer, api_name="vision_qa", **GPU_EVENT),
               question.submit(vision_qa, inputs, answer, api_visibility="private", **GPU_EVENT)]
@@ -227,8 +259,8 @@ def build_vision_tab():
 
 def build_asr_tab():
     gr.Markdown(f"Transcribes with the release's ASR prompt: *“{ASR_PROMPT}”* The model names the "
-                f"language first. Recordings up to {engine.MAX_ASR_SECONDS // 60} minutes are transcribed in "
-                f"{engine.ASR_SEGMENT_SECONDS:.0f}-second segments.")
+                f"language first. Recordings up to {checks.MAX_ASR_SECONDS // 60} minutes are transcribed in "
+                f"{checks.ASR_SEGMENT_SECONDS:.0f}-second segments.")
     audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speech", elem_id="asr-audio")
     with gr.Row():
         transcribe = gr.Button("Transcribe", variant="primary")
@@ -252,7 +284,7 @@ def build_speech_tab():
                              elem_id="s2s-audio")
             voice = voice_dropdown()
             with gr.Accordion("Settings", open=False, elem_id="s2s-settings"):
-                max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens",
+                max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens",
                                            elem_id="s2s-max-tokens")
             with gr.Row():
                 send = gr.Button("Send", variant="primary")
@@ -291,7 +323,7 @@ def build_thinking_tab():
                 think = gr.Button("Think", variant="primary")
                 stop_button = gr.Button("Stop", variant="stop")
                 clear_button = gr.Button("Clear")
-            max_new_tokens = gr.Slider(1, engine.MAX_NEW_TOKENS, value=1024, step=1, label="Max new tokens",
+            max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=1024, step=1, label="Max new tokens",
                                        elem_id="think-max-tokens")
     inputs = [question, image, turns, max_new_tokens]
     outputs = [chatbot, question, image, turns]

@@ -198,7 +198,7 @@ def test_stop_ends_a_generation_early(app, client):
     for update in job:
         if update[0] and message_texts(update[0][-1]) and len(message_texts(update[0][-1])[0]) > 20:
             seen.set()
-            space.engine.stop(client.session_hash)
+            space.stop_session(client.session_hash)
             break
     chatbot = job.result(timeout=120)[0]
     assert seen.is_set()
@@ -293,12 +293,14 @@ def test_gpu_out_of_memory_gets_a_message(app, client, monkeypatch):
 def test_zerogpu_quota_error_gets_a_message(app, client, monkeypatch):
     import gradio as gr
 
+    import serving.engine
+
     def over_quota(job):
         raise gr.Error("You have exceeded your free ZeroGPU quota (60s requested vs. 12s left). Try again in 0:41:00.",
                        title="ZeroGPU quota exceeded")
         yield  # a generator, like the real run_job
 
-    monkeypatch.setattr(app[0].engine, "run_job", over_quota)
+    monkeypatch.setattr(serving.engine, "run_job", over_quota)
     with pytest.raises(AppError, match=r"exceeded your free ZeroGPU quota.*try again later"):
         client.predict(**chat_args("Hello"))
     monkeypatch.undo()
@@ -307,7 +309,7 @@ def test_zerogpu_quota_error_gets_a_message(app, client, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------- engine helpers
 def test_thinking_output_splits_into_reasoning_and_answer():
-    from ming.engine import boxed_results, split_thinking
+    from serving.render import boxed_results, split_thinking
 
     reply = "<think>3 squared plus 4 squared is 25.</think><answer>x = \\boxed{5}</answer>"
     assert split_thinking(reply) == ("3 squared plus 4 squared is 25.", "x = \\boxed{5}", True)
@@ -318,7 +320,7 @@ def test_thinking_output_splits_into_reasoning_and_answer():
 
 
 def test_older_media_drop_out_of_the_prompt_newest_first():
-    from ming.engine import Turn, kept_media
+    from serving.conversation import Turn, kept_media
 
     turns = [Turn("a", [("audio", "a.wav"), ("image", "1.png")]), Turn("b", [("video", "v.mp4")]),
              Turn("c", [("image", "2.png"), ("image", "3.png")]), Turn("d", [("audio", "b.wav")])]
@@ -328,7 +330,8 @@ def test_older_media_drop_out_of_the_prompt_newest_first():
 
 
 def test_long_recordings_are_cut_between_words():
-    from ming.engine import ASR_SEGMENT_SECONDS, split_for_asr
+    from serving.checks import ASR_SEGMENT_SECONDS
+    from serving.flows import split_for_asr
 
     rate = 16000
     rng = np.random.default_rng(0)
@@ -343,12 +346,13 @@ def test_long_recordings_are_cut_between_words():
 def test_gpu_duration_grows_with_the_request():
     import torch
 
-    from ming.engine import Job, Sampling
+    from serving.checks import sampling_config
+    from serving.engine import Job
 
     prompt = {"input_ids": torch.zeros(1, 500, dtype=torch.long)}
-    short = Job("s", [prompt], Sampling(max_new_tokens=64)).gpu_seconds
-    long = Job("s", [prompt], Sampling(max_new_tokens=512)).gpu_seconds
-    spoken = Job("s", [prompt], Sampling(max_new_tokens=512), voice="luna").gpu_seconds
+    short = Job("s", [prompt], sampling_config(max_new_tokens=64)).gpu_seconds
+    long = Job("s", [prompt], sampling_config(max_new_tokens=512)).gpu_seconds
+    spoken = Job("s", [prompt], sampling_config(max_new_tokens=512), voice="luna").gpu_seconds
     assert 15 <= short < long < spoken <= 120
 
 
@@ -357,17 +361,18 @@ def test_the_first_gpu_job_asks_for_time_to_compile_kernels(monkeypatch):
 
     import torch
 
-    from ming import engine
+    from serving import engine
+    from serving.checks import sampling_config
 
-    job = engine.Job("s", [{"input_ids": torch.zeros(1, 500, dtype=torch.long)}], engine.Sampling(max_new_tokens=64))
-    monkeypatch.setattr(engine, "ENGINE", types.SimpleNamespace(gpu_jobs_done=0))
+    job = engine.Job("s", [{"input_ids": torch.zeros(1, 500, dtype=torch.long)}], sampling_config(max_new_tokens=64))
+    monkeypatch.setattr(engine, "_ENGINE", types.SimpleNamespace(gpu_jobs_done=0))
     assert engine._job_seconds(job) == job.gpu_seconds + engine.COLD_START_SECONDS
-    monkeypatch.setattr(engine, "ENGINE", types.SimpleNamespace(gpu_jobs_done=1))
+    monkeypatch.setattr(engine, "_ENGINE", types.SimpleNamespace(gpu_jobs_done=1))
     assert engine._job_seconds(job) == job.gpu_seconds
 
 
 def test_an_unreachable_model_falls_back_to_the_tiny_checkpoint(monkeypatch):
-    from ming import engine
+    from serving import engine
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder, is_tiny, notice = engine.choose_checkpoint("inclusionAI/no-such-model")
@@ -380,20 +385,20 @@ def test_a_checkpoint_without_talker_weights_loads_text_only(monkeypatch, tmp_pa
 
     from safetensors.torch import load_file, save_file
 
-    from ming import engine
+    from serving import engine
 
     folder = tmp_path / "no-talker"
     shutil.copytree(engine.tiny_checkpoint_dir(), folder)
     weights = load_file(folder / "model.safetensors")
     save_file({k: v for k, v in weights.items() if not k.startswith("talker.")}, folder / "model.safetensors")
-    monkeypatch.setattr(engine, "ENGINE", None)  # load() builds a fresh engine; monkeypatch restores the app's
-    text_only = engine.load(str(folder))
+    monkeypatch.setattr(engine, "_ENGINE", None)  # a fresh engine; monkeypatch restores the app's afterwards
+    text_only = engine.load_engine(str(folder))
     assert text_only.speech is None and text_only.voices == []
     assert "Spoken replies are off" in text_only.notice
 
 
 def test_text_deltas_drop_control_characters_but_keep_newlines():
-    from ming.engine import text_deltas
+    from serving.engine import text_deltas
 
     class Decoder:
         def push(self, token):
