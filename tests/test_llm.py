@@ -1,9 +1,13 @@
 """Unit tests of the Ling MoE LLM blocks (ming/llm.py) and of the static KV cache."""
 
+import json
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
 
-from ming.layers import RMSNorm, apply_rope, cache_mask, decode_mask, prompt_mask
+from ming.configs import RELEASE_CONFIG, MingConfig
+from ming.layers import RMSNorm, apply_rope, cache_mask, decode_mask, prompt_mask, rope_cos_sin
 from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, SparseMoeBlock
 from ming.sampling import NgramGuard, SamplingConfig, select_next_token
 from ming.testing.tiny import tiny_config
@@ -71,12 +75,70 @@ def test_rmsnorm_and_rope_are_what_they_claim():
     torch.testing.assert_close(norm(x).pow(2).mean(-1), torch.ones(3), rtol=1e-4, atol=1e-4)
     q = torch.randn(1, 2, 4, 16)
     pos = torch.arange(4)[None]
-    from ming.layers import rope_cos_sin
-
     cos, sin = rope_cos_sin(pos, 16, 600000.0)
     rotated = apply_rope(q, cos, sin)
     torch.testing.assert_close(rotated.norm(dim=-1), q.norm(dim=-1))  # a rotation keeps lengths
     torch.testing.assert_close(rotated[:, :, 0], q[:, :, 0])  # position 0 is the identity
+
+
+# Hand-computed RoPE angles of the release (head_dim 128, rope_theta 600000): angle = p * 600000 ** (-2j / 128) for
+# frequency j, at position p; the cos/sin below were computed in float64 outside torch. (With theta 10000 the
+# first row would be cos 0.648, not 0.688.)
+RELEASE_HEAD_DIM = 128
+RELEASE_ROPE = [  # (position p, frequency j, cos, sin)
+    (1, 1, 0.6878308405106964, 0.7258710180482127),
+    (7, 1, 0.826977376475092, -0.5622351988255219),
+    (1000, 10, 0.8305957446029479, -0.5568758470677954),
+    (5, 63, 0.9999999999473771, 1.0258937104047048e-05),
+]
+
+
+def test_rope_uses_the_released_theta():
+    with open(RELEASE_CONFIG) as f:
+        assert json.load(f)["llm_config"]["rope_theta"] == 600000  # the released config.json
+    config = MingConfig.from_file(RELEASE_CONFIG).llm_config
+    assert config.rope_theta == 600000.0
+    assert config.attention_head_dim == RELEASE_HEAD_DIM
+    assert tiny_config().llm_config.rope_theta == 600000.0  # the tiny checkpoint keeps it
+
+    # The decoder passes its config's theta and head size to the tables (not a default of its own).
+    calls = []
+
+    def recording(position_ids, head_dim, theta):
+        calls.append((head_dim, theta))
+        return rope_cos_sin(position_ids, head_dim, theta)
+
+    llm = tiny_llm()
+    with mock.patch("ming.llm.rope_cos_sin", recording):
+        full_logits(llm, torch.tensor([[1, 2, 3]]))
+    assert calls == [(16, 600000.0)]
+
+
+def test_rope_tables_match_hand_computed_angles():
+    positions = torch.tensor([[p for p, _, _, _ in RELEASE_ROPE]])
+    cos, sin = rope_cos_sin(positions, RELEASE_HEAD_DIM, MingConfig.from_file(RELEASE_CONFIG).llm_config.rope_theta)
+    assert cos.shape == sin.shape == (1, len(RELEASE_ROPE), RELEASE_HEAD_DIM)
+    half = RELEASE_HEAD_DIM // 2
+    for row, (_, j, want_cos, want_sin) in enumerate(RELEASE_ROPE):
+        for dim in (j, j + half):  # NeoX layout: frequency j drives dims j and j + head_dim / 2
+            assert abs(cos[0, row, dim].item() - want_cos) < 2e-5, (row, dim)
+            assert abs(sin[0, row, dim].item() - want_sin) < 2e-5, (row, dim)
+
+
+def test_rope_rotates_dim_j_with_dim_j_plus_half():
+    """NeoX rotation (the reference's rotate_half): x_j' = x_j cos - x_(j+D/2) sin, x_(j+D/2)' = x_(j+D/2) cos + x_j sin.
+    An interleaved (GPT-J) rotation, which pairs dims 2j and 2j+1, fails this."""
+    dim, half = RELEASE_HEAD_DIM, RELEASE_HEAD_DIM // 2
+    p, j, c, s = RELEASE_ROPE[0]
+    cos, sin = rope_cos_sin(torch.tensor([[p]]), dim, 600000.0)
+    basis = torch.eye(dim)[None, :, None, :]  # [1, heads = dim, 1, dim]: head h holds the unit vector e_h
+    rotated = apply_rope(basis, cos, sin)[0, :, 0]  # row h: the image of e_h
+    want_j = torch.zeros(dim)
+    want_j[j], want_j[j + half] = c, s
+    want_j_half = torch.zeros(dim)
+    want_j_half[j], want_j_half[j + half] = -s, c
+    torch.testing.assert_close(rotated[j], want_j, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rotated[j + half], want_j_half, rtol=0, atol=1e-6)
 
 
 def test_kv_cache_decode_equals_full_recompute():
