@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from ming.processor import ASR_PROMPT
-from serving import checks, flows, render
+from serving import checks, flows, render, voice_clone
 from serving.checks import sampling_config
 from serving.engine import load_engine, stop_session
 from serving.errors import UserError
@@ -76,12 +76,13 @@ def show_notice(progress: flows.Progress) -> None:
 
 
 @shows_errors
-def chat(message, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, request: gr.Request):
+def chat(message, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, voice_sample=None,
+         cloned=None, request: gr.Request = None):
     message = message or {}
     sampling = sampling_config(temperature, top_p, max_new_tokens)
     first = True
     for updated, progress in flows.chat(turns, message.get("text", ""), message.get("files", []), system_prompt,
-                                        sampling, speak, voice, request.session_hash):
+                                        sampling, speak, voice, request.session_hash, cloned, voice_sample):
         show_notice(progress)
         cleared = None if first else gr.skip()
         first = False
@@ -89,13 +90,14 @@ def chat(message, turns, system_prompt, temperature, top_p, max_new_tokens, spea
 
 
 @shows_errors
-def retry_chat(turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, request: gr.Request):
+def retry_chat(turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, cloned,
+               request: gr.Request):
     if not turns:
         return
     last = turns[-1]
     message = {"text": last.text, "files": [path for _, path in last.media]}
     for chatbot, audio, _, new_turns in chat(message, turns[:-1], system_prompt, temperature, top_p, max_new_tokens,
-                                             speak, voice, request):
+                                             speak, voice, None, cloned, request):
         yield chatbot, audio, new_turns
 
 
@@ -127,10 +129,11 @@ def asr(audio, request: gr.Request):
 
 
 @shows_errors
-def speech_to_speech(audio, turns, voice, max_new_tokens, request: gr.Request):
+def speech_to_speech(audio, turns, voice, max_new_tokens, voice_sample=None, cloned=None, request: gr.Request = None):
     sampling = sampling_config(max_new_tokens=max_new_tokens)
     first = True
-    for updated, progress in flows.speech_to_speech(turns, audio, voice, sampling, request.session_hash):
+    for updated, progress in flows.speech_to_speech(turns, audio, voice, sampling, request.session_hash, cloned,
+                                                    voice_sample):
         show_notice(progress)
         cleared = None if first else gr.skip()  # the recording moves into the conversation; the mic is ready again
         first = False
@@ -153,6 +156,38 @@ def stop(request: gr.Request):
 
 
 # ============================================================================================================== layout
+@shows_errors
+def clone(sample, consent, cloned):
+    """The clone panel's button: the new voice joins this session's voice lists, selected; on any problem the
+    message says why and the previous voice stays."""
+    embedding = voice_clone.clone_voice(sample, consent)
+    gr.Info("Your voice is ready: pick “My voice” in the voice list (it is kept only for this visit).", duration=6)
+    yield embedding, gr.update(choices=voices_for(embedding), value=voice_clone.MY_VOICE), None
+
+
+def voices_for(cloned) -> list[str]:
+    return VOICES + ([voice_clone.MY_VOICE] if cloned is not None else [])
+
+
+def clone_panel(cloned: gr.State, voice: gr.Dropdown, elem_prefix: str) -> None:
+    """"Clone a voice": record or upload 3-30 s of one person speaking, confirm consent, and the voice becomes
+    "My voice" in this session's voice lists. Hidden, with the reason, where no speaker model can be had."""
+    problem = voice_clone.clone_unavailable_reason()
+    with gr.Accordion("Clone a voice", open=False, elem_id=f"{elem_prefix}-clone"):
+        if problem:
+            gr.Markdown(problem)
+            return
+        gr.Markdown("Record or upload 3 to 30 seconds of one person speaking clearly. The reply will speak in that "
+                    "voice. The recording is deleted at once; the voice is kept only for this visit and nobody else "
+                    "can use it.")
+        sample = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Voice sample",
+                          elem_id=f"{elem_prefix}-clone-sample")
+        consent = gr.Checkbox(label=voice_clone.CONSENT, value=False, elem_id=f"{elem_prefix}-clone-consent")
+        button = gr.Button("Use this voice", elem_id=f"{elem_prefix}-clone-button")
+    button.click(clone, [sample, consent, cloned], [cloned, voice, sample], api_visibility="private",
+                 concurrency_id="clone", concurrency_limit=4)
+
+
 def voice_dropdown() -> gr.Dropdown:
     return gr.Dropdown(VOICES, value=DEFAULT_VOICE, label="Voice", interactive=bool(VOICES),
                        info=None if VOICES else "this checkpoint has no speech model")
@@ -168,7 +203,7 @@ def run_examples(examples: gr.Examples, handler, inputs, outputs) -> gr.events.D
     return examples.load_input_event.then(handler, inputs, outputs, api_visibility="private", **GPU_EVENT)
 
 
-def build_chat_tab():
+def build_chat_tab(cloned: gr.State) -> gr.Dropdown:
     turns = gr.State([])
     with gr.Row():
         with gr.Column(scale=3):
@@ -193,6 +228,9 @@ def build_chat_tab():
             system_prompt = gr.Textbox("", label="System prompt", lines=3, placeholder="e.g. You are a friendly tutor.")
             speak = gr.Checkbox(label="Reply with voice", value=False, interactive=bool(VOICES), elem_id="chat-speak")
             voice = voice_dropdown()
+            clone_panel(cloned, voice, "chat")
+            # The API's optional per-call voice: a recording to speak in, instead of the voice picked above.
+            voice_sample = gr.Audio(type="filepath", visible=False, label="Voice sample (optional)")
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", info="0 = greedy")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
             max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
@@ -201,11 +239,11 @@ def build_chat_tab():
 
     photo.change(attach, [box, photo], [box, photo], api_visibility="private", queue=False)
     clip.change(attach, [box, clip], [box, clip], api_visibility="private", queue=False)
-    inputs = [box, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice]
+    inputs = [box, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, voice_sample, cloned]
     outputs = [chatbot, reply_audio, box, turns]
     submit = box.submit(chat, inputs, outputs, api_name="chat", **GPU_EVENT)
     settings = [system_prompt, temperature, top_p, max_new_tokens, speak, voice]
-    retry = chatbot.retry(retry_chat, [turns, *settings], [chatbot, reply_audio, turns], api_visibility="private",
+    retry = chatbot.retry(retry_chat, [turns, *settings, cloned], [chatbot, reply_audio, turns], api_visibility="private",
                           **GPU_EVENT)
     chatbot.undo(undo_chat, [turns], [chatbot, box, turns], api_visibility="private", queue=False)
     chatbot.clear(lambda: [], None, turns, api_visibility="private", queue=False)
@@ -225,6 +263,7 @@ def build_chat_tab():
     )
     from_example = run_examples(examples, chat, inputs, outputs)
     stop_button.click(stop, None, None, cancels=[submit, retry, from_example], api_visibility="private", queue=False)
+    return voice
     clear_button.click(lambda: ([], [], None), None, [chatbot, turns, reply_audio], cancels=[submit, retry],
                        api_visibility="private", queue=False)
 
@@ -274,7 +313,7 @@ def build_asr_tab():
     stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
 
 
-def build_speech_tab():
+def build_speech_tab(cloned: gr.State) -> gr.Dropdown:
     turns = gr.State([])
     gr.Markdown("Talk to the model: record a question (or upload one), and the spoken answer starts playing while "
                 "the rest is still being made. The conversation continues turn by turn.")
@@ -283,6 +322,8 @@ def build_speech_tab():
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your message",
                              elem_id="s2s-audio")
             voice = voice_dropdown()
+            clone_panel(cloned, voice, "s2s")
+            voice_sample = gr.Audio(type="filepath", visible=False, label="Voice sample (optional)")
             with gr.Accordion("Settings", open=False, elem_id="s2s-settings"):
                 max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens",
                                            elem_id="s2s-max-tokens")
@@ -293,7 +334,7 @@ def build_speech_tab():
         with gr.Column(scale=2):
             reply_audio = streaming_reply_audio("s2s-reply-audio")
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="s2s-chatbot")
-    inputs = [audio, turns, voice, max_new_tokens]
+    inputs = [audio, turns, voice, max_new_tokens, voice_sample, cloned]
     outputs = [chatbot, reply_audio, audio, turns]
     events = [send.click(speech_to_speech, inputs, outputs, api_name="speech_to_speech", **GPU_EVENT),
               audio.stop_recording(speech_to_speech, inputs, outputs, api_visibility="private", **GPU_EVENT)]
@@ -305,6 +346,7 @@ def build_speech_tab():
     clear_button.click(lambda: ([], [], None), None, [chatbot, turns, reply_audio], cancels=events,
                        api_visibility="private", queue=False)
     chatbot.clear(lambda: [], None, turns, api_visibility="private", queue=False)
+    return voice
 
 
 def build_thinking_tab():
@@ -355,19 +397,23 @@ def build_demo() -> gr.Blocks:
                     "video and audio; ask about a picture or a clip; transcribe speech; talk and hear the answer "
                     "while it is being made; or watch it reason step by step.")
         gr.Markdown(ENGINE.banner, visible=bool(ENGINE.banner), elem_id="banner")
+        cloned = gr.State(None)  # this session's cloned voice (an embedding), shared by Chat and Speech-to-speech
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab()
+                chat_voice = build_chat_tab(cloned)
             with gr.Tab("Image & video QA", id="vision"):
                 build_vision_tab()
             with gr.Tab("ASR", id="asr"):
                 build_asr_tab()
             with gr.Tab("Speech-to-speech", id="s2s"):
-                build_speech_tab()
+                speech_voice = build_speech_tab(cloned)
             with gr.Tab("Thinking", id="thinking"):
                 build_thinking_tab()
         gr.Markdown(f"Model: `{os.path.basename(ENGINE.checkpoint.rstrip('/'))}` on {ENGINE.device.type.upper()}. "
                     "One request runs on the GPU at a time; others wait in the queue.", elem_classes="limits")
+        # A voice cloned in one tab shows up in the other's list too.
+        cloned.change(lambda v: (gr.update(choices=voices_for(v)),) * 2, cloned, [chat_voice, speech_voice],
+                      api_visibility="private", queue=False)
     return demo.queue(default_concurrency_limit=1, max_size=64)
 
 

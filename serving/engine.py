@@ -32,6 +32,7 @@ from ming import MingOmni, MingProcessor
 from ming.loading import DEFAULT_HUB_ID, DEFAULT_REVISION, CheckpointError, resolve_checkpoint
 from ming.sampling import SamplingConfig
 from ming.speech import SpeechGenerator
+from ming.speech.speaker import SpeakerEncoder, SpeakerModelUnavailable, load_speaker_encoder
 from ming.testing.tiny import build_tiny_checkpoint, is_tiny_checkpoint
 
 from .errors import UserError
@@ -49,7 +50,7 @@ class Engine:
 
     model: MingOmni = field(repr=False)
     processor: MingProcessor = field(repr=False)
-    speech: object | None = field(repr=False)  # ming.speech.SpeechGenerator, or None when there is no talker/
+    speech: SpeechGenerator | None = field(repr=False)  # None when the checkpoint has no talker/
     checkpoint: str
     is_tiny: bool
     notice: str  # why this checkpoint was chosen, when that is worth telling the user ("" otherwise)
@@ -58,6 +59,8 @@ class Engine:
     peak_active_jobs: int = 0
     gpu_jobs_done: int = 0
     stop_events: dict[str, threading.Event] = field(default_factory=dict)  # per session: its Stop button
+    speaker_encoder: SpeakerEncoder | None = field(default=None, repr=False)  # CAM++ for voice cloning (CPU)
+    speaker_model_problem: str = ""  # why voice cloning is off, when it is
 
     @property
     def voices(self) -> list[str]:
@@ -147,8 +150,16 @@ def load_engine(requested: str | None = None) -> Engine:
             log.warning("speech is off: %s", error)
             reason = str(error).strip().splitlines()[0][:200]
             notice = f"{notice} Spoken replies are off: the speech model could not be loaded ({reason}).".strip()
+    speaker_encoder, speaker_problem = None, ""
+    if speech is not None:
+        try:  # the checkpoint's campplus.onnx, else a hub copy fetched once (never for the tiny checkpoint)
+            speaker_encoder = load_speaker_encoder(folder, download=not is_tiny)
+        except SpeakerModelUnavailable as error:
+            log.warning("voice cloning is off: %s", error)
+            speaker_problem = f"Voice cloning is off: {error}"
     log.info("loaded %s on %s in %.1f s", folder, device, time.perf_counter() - started)
-    _ENGINE = Engine(model, processor, speech, folder, is_tiny, notice, device)
+    _ENGINE = Engine(model, processor, speech, folder, is_tiny, notice, device, speaker_encoder=speaker_encoder,
+                     speaker_model_problem=speaker_problem)
     return _ENGINE
 
 

@@ -26,6 +26,7 @@ from .checks import ASR_SEGMENT_SECONDS, MAX_ASR_SECONDS, check_audio, sampling_
 from .conversation import Turn, new_turn, prepare_inputs
 from .engine import Job, get_engine, stream_job
 from .errors import UserError
+from .voice_clone import MY_VOICE, clone_voice
 
 log = logging.getLogger("serving.flows")
 
@@ -109,13 +110,22 @@ def save_wav(rate: int, samples: np.ndarray) -> str:
     return path
 
 
-def check_voice(speak: bool, voice: str | None) -> str | None:
+def check_voice(speak: bool, voice: str | None, cloned: torch.Tensor | None = None,
+                voice_sample: str | None = None) -> str | torch.Tensor | None:
+    """The voice to speak with: a bundled voice's name, or an embedding ("My voice": the session's cloned voice;
+    `voice_sample`: a recording cloned for this call only, overriding the rest). None when not speaking."""
     if not speak:
         return None
     engine = get_engine()
     if engine.speech is None:
         raise UserError("This checkpoint has no speech model (no talker/ folder), so replies can only be text.",
-                         title="No speech")
+                        title="No speech")
+    if voice_sample:
+        return clone_voice(voice_sample, consent=True)  # an API caller sending a sample vouches for it
+    if voice == MY_VOICE:
+        if cloned is None:
+            raise UserError("Clone a voice first (under 'Clone a voice'), or pick another voice.", title="No voice")
+        return cloned
     if voice not in engine.voices:
         raise UserError(f"Unknown voice {voice!r}; choose one of: {', '.join(engine.voices)}.", title="Unknown voice")
     return voice
@@ -124,9 +134,10 @@ def check_voice(speak: bool, voice: str | None) -> str | None:
 # =============================================================================================================== tabs
 @user_errors
 def chat(turns: list[Turn], text: str, files: list[str], system_prompt: str, sampling: SamplingConfig, speak: bool,
-         voice: str | None, session: str) -> Iterator[tuple[list[Turn], Progress]]:
+         voice: str | None, session: str, cloned: torch.Tensor | None = None,
+         voice_sample: str | None = None) -> Iterator[tuple[list[Turn], Progress]]:
     """Chat: a multimodal message, answered in text (and speech, when asked) with the whole history in context."""
-    voice = check_voice(speak, voice)
+    voice = check_voice(speak, voice, cloned, voice_sample)
     turn = new_turn(text, files)
     turns = [*turns, turn]
     inputs = conversation_inputs(turns, system_prompt, sampling)
@@ -196,9 +207,10 @@ def asr(audio: str | None, session: str) -> Iterator[str]:
 
 @user_errors
 def speech_to_speech(turns: list[Turn], audio: str | None, voice: str | None, sampling: SamplingConfig,
-                     session: str) -> Iterator[tuple[list[Turn], Progress]]:
+                     session: str, cloned: torch.Tensor | None = None,
+                     voice_sample: str | None = None) -> Iterator[tuple[list[Turn], Progress]]:
     """Speech-to-speech: a spoken message in, a spoken reply streamed out with its text; multi-turn."""
-    voice = check_voice(True, voice)
+    voice = check_voice(True, voice, cloned, voice_sample)
     if not audio:
         raise UserError("Record or upload a spoken message first.", title="No audio")
     turn = new_turn("", [audio])

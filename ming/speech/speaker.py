@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..audio import kaldi_fbank, kaldi_mel_banks, kaldi_window
+from ..audio import SAMPLE_RATE, kaldi_fbank, kaldi_mel_banks, kaldi_window
 from .voices import SPEAKER_DIM
 
-SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
 PEAK = 0.5  # every waveform is scaled to this peak first, so the log floor never makes the embedding gain-dependent
 MIN_EMBED_SECONDS = 0.5

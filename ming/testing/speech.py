@@ -8,6 +8,7 @@
   talker/s3_bpe/char_mapping.txt
   talker/voices/luna.pt         the release's luna voice
   talker/audio_detokenizer.yaml, flow.pt, hift.pt   (`write_tiny_detokenizer`, below)
+  talker/campplus.onnx          a random speaker encoder with CAM++'s signature (`ming.testing.campplus`)
 and adds the talker's `talker.*` tensors to `ckpt_dir/model.safetensors` (created if absent), where the release
 keeps them. Tensors come from `ming.testing.weights` (seeded by key name), so every run writes the same files.
 """
@@ -30,6 +31,7 @@ from ..speech.flow import FlowConfig, FlowDecoder
 from ..speech.hift import WEIGHT_NORMED_MODULES, HiFTConfig, HiFTGenerator
 from ..speech.talker import WEIGHT_PREFIX, Talker, TalkerLMConfig, TalkerTokenizer
 from ..speech.voices import BUNDLED_VOICES_DIR, DEFAULT_VOICE
+from .campplus import write_random_campplus
 from .tokenizer import bpe_model_json, byte_alphabet
 from .weights import SEED, seeded_noise, tiny_tensor
 
@@ -47,6 +49,8 @@ def write_tiny_speech_assets(ckpt_dir: str) -> None:
     """Everything the speech path needs, tiny, into `ckpt_dir` (see the module docstring)."""
     write_tiny_talker(ckpt_dir)
     write_tiny_detokenizer(os.path.join(ckpt_dir, "talker"))
+    # Later releases ship CAM++ in talker/; the stand-in lets the offline demo and the tests clone voices.
+    write_random_campplus(os.path.join(ckpt_dir, "talker", "campplus.onnx"))
 
 
 def write_tiny_talker(ckpt_dir: str) -> None:
