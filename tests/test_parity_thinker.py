@@ -1,12 +1,21 @@
 """End-to-end parity of the thinker with the official Ming-Lite-Omni-Preview code.
 
-For six requests (text, multi-turn chat, image, video, ASR, spoken question) the goldens in tests/fixtures/thinker/
-hold what the reference produced on the tiny checkpoint: its processor's integers, its logits (every position on a
-fixed set of vocab columns, plus the whole last row) and its greedy continuation. How they were made:
-tests/fixtures/thinker/README.md.
+For each request (text, multi-turn chat, image, video, ASR, spoken question, two images with text between them) the
+goldens in tests/fixtures/thinker/ hold what the reference produced on the tiny checkpoint: its processor's integers,
+its logits (every position on a fixed set of vocab columns, plus the whole last row), the spans its MoE routers used
+and its greedy continuation. How they were made: tests/fixtures/thinker/README.md.
 
-The goldens also store a checksum of the tiny checkpoint's weights. If `ming/tiny.py` changes the weights, every test
-here fails with a message saying so (the goldens must then be regenerated), rather than looking like a model bug.
+Two images: the reference processor expands the second `<image>` inside the first image's block (it always replaces
+the first "<image>" of the text, and each expansion starts with one), so the text between the images lands after
+both patch blocks. `two_images` is that request exactly as the reference runs it; `two_images_in_place` is the same
+request with each image expanded where it stands (the reference model on those ids), so that the text between the
+images lies inside the image router's span (the Preview routes everything from the first to the last image patch
+through the image gate). The model-only tests below also run our model on the reference's own input_ids, so a
+processor difference and a model difference are told apart.
+
+The goldens also store a checksum of the tiny checkpoint's weights. If `ming/testing/tiny.py` changes the weights,
+every test here fails with a message saying so (the goldens must then be regenerated), rather than looking like a
+model bug.
 """
 
 import copy
@@ -18,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from ming import MingOmni, MingProcessor
+from ming.llm import AUDIO, IMAGE, TEXT
 from ming.testing.tiny import build_tiny_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -53,7 +63,24 @@ CASES = {
     "speech": [
         {"role": "HUMAN", "content": [{"type": "audio", "audio": "media/speech.wav"}]},
     ],
+    "two_images": [
+        {"role": "HUMAN", "content": [{"type": "image", "image": "media/image.png"},
+                                      {"type": "text", "text": "and this one:"},
+                                      {"type": "image", "image": "media/image2.png"},
+                                      {"type": "text", "text": "Which of the two pictures shows a house?"}]},
+    ],
 }
+CASES["two_images_in_place"] = CASES["two_images"]  # same request, each <image> expanded where it stands
+TWO_IMAGE_CASES = ("two_images", "two_images_in_place")
+# Our processor expands each <image> where it stands, so its ids are those of `two_images_in_place`, not the
+# reference processor's nested layout. Until that is settled (copy the nesting, or keep it as a stated deviation),
+# `two_images` is checked end to end only through the model-only tests on the reference's ids; the strict xfail
+# below turns into a failure as soon as our processor produces the reference's ids.
+OUR_PROCESSOR_DIFFERS = {"two_images": "our processor expands a second <image> in place; the Preview nests it "
+                                       "inside the first image's block (see the module docstring)"}
+END_TO_END_CASES = [case for case in CASES if case not in OUR_PROCESSOR_DIFFERS]
+PROCESSOR_CASES = [pytest.param(case, marks=pytest.mark.xfail(strict=True, reason=OUR_PROCESSOR_DIFFERS[case]))
+                   if case in OUR_PROCESSOR_DIFFERS else case for case in CASES]
 INTEGER_KEYS = ("input_ids", "attention_mask", "image_grid_thw", "video_grid_thw", "audio_feats_lengths",
                 "audio_placeholder_loc_lens")
 FLOAT_KEYS = ("pixel_values", "pixel_values_videos", "audio_feats")
@@ -146,7 +173,7 @@ def test_tiny_checkpoint_is_the_one_the_goldens_used(checkpoint):
         f"ming.tiny now writes different weights ({actual!r} != {expected!r}): regenerate tests/fixtures/thinker")
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", PROCESSOR_CASES)
 def test_processor_matches_reference(case, inputs_of):
     golden, _ = load_golden(case)
     inputs = inputs_of(case)
@@ -167,7 +194,7 @@ def test_processor_matches_reference(case, inputs_of):
             assert relative_error(value, ref) < 1e-5, f"{key}.{stat} differs: {relative_error(value, ref):.3g}"
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", END_TO_END_CASES)
 def test_logits_match_reference(case, model, inputs_of):
     golden, _ = load_golden(case)
     with torch.no_grad():
@@ -181,14 +208,14 @@ def test_logits_match_reference(case, model, inputs_of):
     assert error_last_row < LOGITS_RTOL, f"last-position logits relative error {error_last_row:.3g}"
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", END_TO_END_CASES)
 def test_greedy_generation_matches_reference(case, model, inputs_of):
     golden, metadata = load_golden(case)
     new_ids = model.generate(**inputs_of(case), max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     assert new_ids.tolist() == golden["new_ids"].tolist(), f"reference continuation: {metadata['decoded']!r}"
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", END_TO_END_CASES)
 def test_kv_cache_generation_equals_full_recomputation(case, model, inputs_of):
     """Greedy decoding with the KV cache must pick, at every step, the token that a full forward pass over the whole
     sequence picks (media features and routing spans included)."""
@@ -204,3 +231,48 @@ def test_kv_cache_generation_equals_full_recomputation(case, model, inputs_of):
             recomputed.append(token)
             sequence = torch.cat([sequence, torch.tensor([[token]])], dim=1)
     assert new_ids == recomputed
+
+
+def on_reference_ids(case: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our processor's media tensors with the reference processor's input_ids and attention_mask."""
+    golden, _ = load_golden(case)
+    return {**inputs, "input_ids": golden["input_ids"], "attention_mask": golden["attention_mask"]}
+
+
+def router_ids_of_spans(spans: torch.Tensor, length: int) -> torch.Tensor:
+    """The reference's router masks: image gate where image_start < position < image_end, audio gate likewise
+    (99999 / 999999 mean no span), the text gate elsewhere."""
+    image_start, image_end, audio_start, audio_end = spans.tolist()
+    positions = torch.arange(length)
+    want = torch.full((length,), TEXT)
+    want[(positions > image_start) & (positions < image_end)] = IMAGE
+    want[(positions > audio_start) & (positions < audio_end)] = AUDIO
+    return want
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_router_spans_match_reference(case, model, inputs_of):
+    """Which gate routes each position, on the reference's own input_ids (so only the model's span rule is tested)."""
+    golden, _ = load_golden(case)
+    inputs = on_reference_ids(case, inputs_of(case))
+    media = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    with torch.no_grad():
+        _, router_ids = model.embed(**media)
+    want = router_ids_of_spans(golden["router.spans"], golden["input_ids"].shape[1])
+    assert router_ids[0].tolist() == want.tolist(), f"router spans differ from the reference's {golden['router.spans']}"
+
+
+@pytest.mark.parametrize("case", TWO_IMAGE_CASES)
+def test_model_on_reference_input_ids(case, model, inputs_of):
+    """Logits and greedy tokens of our model fed the reference processor's input_ids (our pixels, which the processor
+    test pins to the reference's): parity of the model alone, whatever our processor does with two images."""
+    golden, _ = load_golden(case)
+    inputs = on_reference_ids(case, inputs_of(case))
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    error_all_positions = relative_error(logits[:, golden["logits.columns"]], golden["logits.values"])
+    error_last_row = relative_error(logits[-1], golden["logits.last"])
+    assert error_all_positions < LOGITS_RTOL, f"logits (all positions) relative error {error_all_positions:.3g}"
+    assert error_last_row < LOGITS_RTOL, f"last-position logits relative error {error_last_row:.3g}"
+    new_ids = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    assert new_ids.tolist() == golden["new_ids"].tolist()
