@@ -79,7 +79,9 @@ class LongVideoStats:
     peak_slots: int = 0
     decoded_frames: int = 0
     seeks: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # decode_wait, vit, prefill, evict, total
+    # Wall seconds: decode_wait (waiting for frames; decoding itself overlaps the model), vit, prefill (with the
+    # evictions in it), evict, total.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,29 +149,50 @@ def encode_video(
     settings = settings or LongVideoSettings()
     stats = LongVideoStats()
     started = time.perf_counter()
-    llm, device = model.model, model.device
-    timer = _timer(stats.seconds, device)
-
-    duration = video_duration(prompt.video)
-    stats.duration = duration
+    stats.duration = video_duration(prompt.video)
     decode_stats = DecodeStats()
-    if duration <= settings.short_clip_seconds:
+    if stats.duration <= settings.short_clip_seconds:
         stats.path = "short"
         frames = processor.video_frames(prompt.video, max_frames=prompt.max_frames or DEMO_MAX_FRAMES)
-        height, width = frames.shape[1:3]
         frame_source: Iterable[np.ndarray] = frames
-        num_frames = frames.shape[0]
+        num_frames, (height, width) = frames.shape[0], frames.shape[1:3]
     else:
         plan = plan_long_video(prompt.video, min(settings.max_frames, prompt.max_frames or settings.max_frames))
         height, width = video_processor_size(plan.height, plan.width)
         frame_source = read_frames_at(prompt.video, plan.timestamps, (height, width), stats=decode_stats)
         num_frames = len(plan.timestamps)
+    video = encode_frames(model, processor, prompt.head_ids, prompt.tail_ids, frame_source, num_frames,
+                          (height, width), settings, progress, stats)
+    stats.decoded_frames, stats.seeks = decode_stats.decoded, decode_stats.seeks
+    stats.seconds["total"] = time.perf_counter() - started
+    return video
+
+
+def encode_frames(
+    model,
+    processor: MingProcessor,
+    head_ids: torch.Tensor,
+    tail_ids: torch.Tensor,
+    frames: Iterable[np.ndarray],
+    num_frames: int,
+    size: tuple[int, int],
+    settings: LongVideoSettings | None = None,
+    progress: ProgressFn | None = None,
+    stats: LongVideoStats | None = None,
+) -> EncodedVideo:
+    """`encode_video` from frames already sampled: uint8 [H, W, 3] each, `size` = (H, W) (multiples of 28),
+    `num_frames` of them (even), iterated once (a generator is fine: it runs on a background thread)."""
+    settings = settings or LongVideoSettings()
+    stats = stats or LongVideoStats()
+    llm, device = model.model, model.device
+    timer = _timer(stats.seconds, device)
+    height, width = size
     pairs_total = num_frames // VIDEO_FRAME_FACTOR
     cells = (height // CELL) * (width // CELL)
     stats.frames, stats.pairs, stats.tokens_per_pair = num_frames, pairs_total, cells
     stats.visual_tokens = pairs_total * cells
 
-    head, tail = prompt.head_ids.to(device), prompt.tail_ids.to(device)
+    head, tail = head_ids.to(device), tail_ids.to(device)
     visual_room = stats.visual_tokens if settings.visual_budget is None else min(settings.visual_budget,
                                                                                 stats.visual_tokens)
     capacity = head.shape[1] + visual_room + tail.shape[1]
@@ -186,14 +209,14 @@ def encode_video(
         done_pairs = 0
         if progress is not None:
             progress(0.0, "sampling")
-        for frames in _prefetch(_batches(frame_source, chunk_frames), settings.prefetch_chunks, timer):
-            count = frames.shape[0] // VIDEO_FRAME_FACTOR
+        for chunk in _prefetch(_batches(frames, chunk_frames), settings.prefetch_chunks, timer):
+            count = chunk.shape[0] // VIDEO_FRAME_FACTOR
             step = lambda stage, part: progress((done_pairs + part * count) / pairs_total, stage)  # noqa: E731
             if progress is not None:
                 step("sampling", 1 / 3)
-            keep = dropper(frames).reshape(count, cells)
+            keep = dropper(chunk).reshape(count, cells)
             with timer("vit"):
-                embeds, pair_ids, cell_ids = _encode_kept(model, processor, frames, keep, done_pairs)
+                embeds, pair_ids, cell_ids = _encode_kept(model, processor, chunk, keep, done_pairs)
             if progress is not None:
                 step("encoding", 2 / 3)
             stats.after_drop += embeds.shape[0]
@@ -214,8 +237,6 @@ def encode_video(
     prefix = state.prefix()
     stats.kept, stats.evicted, stats.cache_slots, stats.peak_slots = (state.visual_kept, state.evicted,
                                                                       prefix.length, state.peak)
-    stats.decoded_frames, stats.seeks = decode_stats.decoded, decode_stats.seeks
-    stats.seconds["total"] = time.perf_counter() - started
     return EncodedVideo(prefix, stats)
 
 

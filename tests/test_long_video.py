@@ -445,7 +445,7 @@ def test_video_prompt_pieces_are_the_processor_prompt(tiny):
 
 def test_short_clip_through_the_pipeline_equals_one_shot_prompt(tiny, tmp_path):
     model, processor = tiny
-    clip = write_video(tmp_path / "clip.mp4", 0.25, sprite_frame)  # 15 s: the short path, 30 frames
+    clip = write_video(tmp_path / "clip.mp4", 10 / 60, sprite_frame)  # 10 s: the short path, 20 frames
     messages = ask(clip)
     prompt = processor.video_prompt(messages)
     stages = []
@@ -453,7 +453,7 @@ def test_short_clip_through_the_pipeline_equals_one_shot_prompt(tiny, tmp_path):
     video = encode_video(model, processor, prompt, settings, progress=lambda f, stage: stages.append((f, stage)))
     inputs = processor(messages)
     stats = video.stats
-    assert stats.path == "short" and stats.frames == 30 and stats.after_drop == stats.visual_tokens == stats.kept
+    assert stats.path == "short" and stats.frames == 20 and stats.after_drop == stats.visual_tokens == stats.kept
     assert video.prefix.length == prompt.head_ids.shape[1] + stats.visual_tokens + 1
     assert stages[-1] == (1.0, "prefill") and {s for _, s in stages} == {"sampling", "encoding", "prefill"}
     assert all(a[0] <= b[0] for a, b in zip(stages, stages[1:]))
@@ -482,7 +482,7 @@ def test_chunked_vit_equals_one_shot(tiny):
 @pytest.mark.parametrize("name", ["slides_10", "static_60", "noise_1"])
 def test_long_videos_through_the_pipeline(tiny, videos, name):
     model, processor = tiny
-    budget = 600
+    budget = 1200
     frames = {"slides_10": 400, "static_60": 96, "noise_1": 120}[name]  # a sample per 1.5 s, 37.5 s, 0.5 s
     settings = LongVideoSettings(visual_budget=budget, drop_threshold=0.02, chunk_pairs=8, max_frames=frames)
     prompt = processor.video_prompt(ask(videos[name]))
