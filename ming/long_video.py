@@ -209,12 +209,14 @@ def encode_frames(
         done_pairs = 0
         if progress is not None:
             progress(0.0, "sampling")
-        for chunk in _prefetch(_batches(frames, chunk_frames), settings.prefetch_chunks, timer):
+        # The pixel comparison runs with the decoding, on the prefetch thread (numpy releases the GIL).
+        chunks = ((chunk, dropper(chunk)) for chunk in _batches(frames, chunk_frames))
+        for chunk, keep in _prefetch(chunks, settings.prefetch_chunks, timer):
             count = chunk.shape[0] // VIDEO_FRAME_FACTOR
             step = lambda stage, part: progress((done_pairs + part * count) / pairs_total, stage)  # noqa: E731
             if progress is not None:
                 step("sampling", 1 / 3)
-            keep = dropper(chunk).reshape(count, cells)
+            keep = keep.reshape(count, cells)
             with timer("vit"):
                 embeds, pair_ids, cell_ids = _encode_kept(model, processor, chunk, keep, done_pairs)
             if progress is not None:
@@ -268,7 +270,7 @@ def _batches(frames: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
         yield np.stack(batch[: len(batch) // VIDEO_FRAME_FACTOR * VIDEO_FRAME_FACTOR])
 
 
-def _prefetch(items: Iterator[np.ndarray], depth: int, timer: Callable) -> Iterator[np.ndarray]:
+def _prefetch(items: Iterator, depth: int, timer: Callable) -> Iterator:
     """Run `items` on a background thread, `depth` items ahead (decoding and scaling release the GIL, so reading
     the next chunk overlaps the model's work on this one). Time spent waiting for it goes to "decode_wait"."""
     if depth <= 0:
