@@ -442,4 +442,6 @@ def test_parity_video_pixels(processor):
 def test_parity_audio_features(processor):
     feats = processor(golden_messages("audio"))["audio_feats"]
     expected = torch.from_numpy(np.load(FIXTURES / "golden.npz")["audio_feats"])
-    torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-5)
+    # float32 FFTs and mel matmuls differ between CPUs (AVX2 / AVX-512 kernels) by up to ~7e-5 after CMVN, on the
+    # quietest bins; 1e-4 is the fbank tolerance of tests/test_audio.py too. A wrong window or scale is off by >1e-2.
+    torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-4)
