@@ -587,7 +587,9 @@ class CallSession:
 
     def _on(self, event: Event) -> list[Event]:
         if isinstance(event, SpeechStarted):
-            self._settle()
+            # Judge by when the speech was confirmed, not by the end of the chunk that carried it: speech heard
+            # while the reply still played is a barge-in even if the chunk ends after the playback.
+            self._settle(event.confirmed_at_s)
             if self._state in (CallState.THINKING, CallState.SPEAKING):
                 if not self._barge_in:
                     self._ignoring = True
@@ -631,10 +633,11 @@ class CallSession:
         self._lock.notify_all()
         return TurnQueued(turn.index, event.start_s, event.end_s, event.reason)
 
-    def _settle(self) -> None:
+    def _settle(self, at_s: float | None = None) -> None:
         # A finished reply keeps the call "speaking" until its audio has played out in the browser.
+        now = self._detector.now_s if at_s is None else at_s
         if (self._state is CallState.SPEAKING and self._running is None and self._pending is None
-                and self._detector.now_s >= self._playback_end_s):
+                and now >= self._playback_end_s):
             self._state = CallState.LISTENING
 
     # -- reply thread

@@ -384,6 +384,20 @@ def test_speech_while_the_reply_still_plays_is_a_barge_in(utterances):
     assert session.transcript()[0].interrupted
 
 
+def test_speech_confirmed_before_playback_ends_is_a_barge_in_even_if_its_chunk_ends_after(utterances):
+    """The state is judged at the moment speech is confirmed, not at the end of the (long) chunk carrying it."""
+    session, _, _ = queued_session(utterances)
+    list(session.run_reply())                              # 0.8 s of audio: playback ends 1.6 s from now
+    feed_all(session, floor(1.0, seed=4))
+    assert session.state is CallState.SPEAKING
+    # One 2 s chunk: speech starts 0.1 s into it and is confirmed ~0.4 s in, before playback ends (0.6 s in),
+    # while the chunk itself ends well after.
+    speech = np.concatenate([floor(0.1, seed=6), utterances[1][:int(1.9 * SR)]])
+    events = feed_all(session, speech, chunk_s=2.0)
+    assert [type(e) for e in events] == [SpeechStarted, BargeIn]
+    assert session.transcript()[0].interrupted
+
+
 def test_speech_after_playback_is_a_new_turn_not_a_barge_in(utterances):
     session, _, _ = queued_session(utterances)
     list(session.run_reply())

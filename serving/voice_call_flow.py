@@ -1,0 +1,327 @@
+"""Voice call, serving side: a `CallSession` (serving/voice_call.py) wired to the engine. No Gradio here.
+
+* `VoiceCall` is one visitor's call. The page's microphone handler calls `feed(chunk)` (and reads `signal(events)`
+  and `status()`), its reply event iterates `reply()`, Hang up calls `hang_up()`. The responder builds the prompt
+  from the call's transcript like Speech-to-speech does (earlier turns: the visitor's audio, which drops out of the
+  model's view, and the reply's text; the newest turn: its audio) and streams the reply through the engine's
+  `Job` / `stream_job`, so each reply is its own GPU job (on ZeroGPU, its own GPU task). Barge-in and hang-up stop
+  the running generation through the engine's per-session stop event (`stop_session`), under a key of the call's
+  own, so a call and the visitor's other tabs never stop each other.
+* `detected_turns` and `whole_call` use the same turn logic on an audio file, without a browser (the API).
+
+Clips (the visitor's turns and the replies' audio) are saved like the other tabs' reply clips, so the transcript
+stays replayable after the call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ming.audio import SAMPLE_RATE
+from ming.media import MediaError, audio_duration, load_audio
+
+from .checks import MAX_AUDIO_SECONDS, MAX_ASR_SECONDS, format_duration, sampling_config
+from .conversation import Turn as ChatTurn
+from .conversation import prepare_inputs
+from .engine import Job, get_engine, stop_session, stream_job
+from .errors import UserError
+from .flows import check_voice, save_wav, user_errors
+from .voice_call import (BargeIn, CallEnded, CallSession, CallState, Event, ReplyPiece, TurnConfig, TurnQueued,
+                         detect_turns)
+from .voice_call import Turn as CallTurn
+
+PAUSE_RANGE_S = (0.3, 1.5)          # the end-of-turn pause a visitor may choose
+DEFAULT_PAUSE_S = 0.6
+SILENCE_TIMEOUT_S = 30.0           # nobody spoke for this long: the call ends
+MIC_QUIET_S = 10.0                 # the microphone sent nothing for this long (mid-call): the call ends
+MIC_FIRST_CHUNK_S = 30.0           # ... or since Start (a permission prompt may be open meanwhile)
+MAX_CALL_FILE_SECONDS = 5 * 60     # a whole call from a file (the API)
+CHUNK_S = 0.2                      # what the page's microphone sends at a time, and what the API feeds
+
+END_MESSAGES = {
+    "hang_up": "Call ended. The conversation stays below: replay any turn or reply.",
+    "silence_timeout": f"Nobody spoke for {SILENCE_TIMEOUT_S:.0f} seconds, so the call ended. Press **Start call** "
+                       "to talk again.",
+    "no_audio": "The microphone stopped sending sound, so the call ended. Check that the microphone is connected "
+                "and allowed for this page, then press **Start call** again.",
+    "closed": "The page was closed, so the call ended.",
+}
+
+
+def turn_config(pause_s: float, silence_timeout_s: float | None = SILENCE_TIMEOUT_S) -> TurnConfig:
+    """The call's turn-taking: the visitor's pause ends a turn; a turn longer than the spoken-message limit is cut."""
+    try:
+        pause = float(pause_s)
+    except (TypeError, ValueError):
+        raise UserError("The pause must be a number of seconds.", title="Bad pause") from None
+    low, high = PAUSE_RANGE_S
+    if not low <= pause <= high:
+        raise UserError(f"The pause must be between {low} and {high} seconds (got {pause:g}).", title="Bad pause")
+    return TurnConfig(end_pause_s=pause, max_utterance_s=float(MAX_AUDIO_SECONDS),
+                      silence_timeout_s=silence_timeout_s)
+
+
+def call_voice(voice: str | None, cloned: torch.Tensor | None = None) -> str | torch.Tensor | None:
+    """The voice replies are spoken with: a bundled voice's name, or the session's cloned voice ("My voice"). None
+    when the checkpoint cannot speak: replies are then text only."""
+    if get_engine().speech is None:
+        return None
+    return check_voice(True, voice, cloned)
+
+
+class VoiceCall:
+    """One visitor's hands-free call, wired to the engine. Thread-safe as CallSession is: `feed` runs on the
+    microphone's event, `reply` on the reply event, `hang_up` on a click."""
+
+    def __init__(self, session: str, voice: str | None, pause_s: float = DEFAULT_PAUSE_S,
+                 max_new_tokens: int = 256, *, cloned: torch.Tensor | None = None,
+                 silence_timeout_s: float | None = SILENCE_TIMEOUT_S, vad: Any = None) -> None:
+        self.id = uuid.uuid4().hex[:8]
+        self.key = f"voice-call:{session}:{self.id}"  # the engine's stop event for this call's replies
+        self.set_reply_options(voice, max_new_tokens, cloned)
+        self.call = CallSession(self._respond, turn_config(pause_s, silence_timeout_s), vad=vad)
+        self.started_at = time.monotonic()
+        self.last_chunk_at: float | None = None
+        self.notice = ""  # a message worth showing with the status (a cut turn, why the call ended)
+        self._seq = 0
+        self._last_status: str | None = None
+        self._clips: dict[tuple[str, int], str] = {}
+        self._clip_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------------ settings
+    def set_reply_options(self, voice: str | None, max_new_tokens: int, cloned: torch.Tensor | None = None) -> None:
+        """The voice and length of the next replies (the page's selectors can change during a call)."""
+        self.voice = call_voice(voice, cloned)
+        self.sampling = sampling_config(max_new_tokens=max_new_tokens)
+
+    @property
+    def ended(self) -> bool:
+        return self.call.state is CallState.ENDED
+
+    # ----------------------------------------------------------------------------------------- microphone side
+    def feed(self, chunk: Any) -> list[Event]:
+        """One microphone chunk. Barge-in and the end of the call stop the reply being generated at once."""
+        self.last_chunk_at = time.monotonic()
+        events = self.call.feed(chunk)
+        self._after(events)
+        return events
+
+    def hang_up(self, reason: str = "hang_up") -> list[Event]:
+        events = self.call.hang_up(reason)
+        self._after(events)
+        return events
+
+    def check_microphone(self, now: float | None = None) -> list[Event]:
+        """End the call when the microphone has stopped sending chunks (a page timer calls this)."""
+        if self.ended:
+            return []
+        now = time.monotonic() if now is None else now
+        quiet = now - (self.last_chunk_at if self.last_chunk_at is not None else self.started_at)
+        if quiet >= (MIC_QUIET_S if self.last_chunk_at is not None else MIC_FIRST_CHUNK_S):
+            return self.hang_up("no_audio")
+        return []
+
+    def _after(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, (BargeIn, CallEnded)):
+                stop_session(self.key)
+            if isinstance(event, TurnQueued):
+                self.notice = (f"You talked for over {format_duration(MAX_AUDIO_SECONDS)} without a pause, so the "
+                               "answer is to what was said until then." if event.reason == "max_length" else "")
+            if isinstance(event, CallEnded):
+                self.notice = END_MESSAGES.get(event.reason, "Call ended.")
+
+    def signal(self, events: list[Event]) -> str | None:
+        """What the page's hidden signal box is set to after these events (None: leave it): it holds `stop=<i>` on
+        barge-in (the page pauses the reply's playback at once), `turn=<i>` when a turn waits for its reply (the
+        page starts the reply event) and `end=<reason>` when the call ended (the page stops the recorder). Every
+        value is new, so each one fires the box's change event."""
+        words = []
+        for event in events:
+            if isinstance(event, BargeIn):
+                words.append(f"stop={event.turn_index}")
+            elif isinstance(event, TurnQueued):
+                words.append(f"turn={event.turn_index}")
+            elif isinstance(event, CallEnded):
+                words.append(f"end={event.reason}")
+        if not words:
+            return None
+        self._seq += 1
+        return " ".join([*words, f"call={self.id}", f"seq={self._seq}"])
+
+    def status(self) -> str:
+        """One line for the page: what the call is doing, and any notice."""
+        state = self.call.state
+        if state is CallState.ENDED:
+            return self.notice or "Call ended."
+        if state is CallState.THINKING:
+            line = "**Thinking…**"
+        elif state is CallState.SPEAKING:
+            line = "**Speaking** (talk to interrupt)"
+        elif state is CallState.INTERRUPTED or self.call.user_speaking:
+            line = "**Hearing you…**"
+        else:
+            line = "**Listening**: talk whenever you like; pause to let the model answer."
+        return f"{line}  \n{self.notice}" if self.notice else line
+
+    def status_update(self) -> str | None:
+        """The status, when it changed since this was last asked (None: unchanged)."""
+        status = self.status()
+        if status == self._last_status:
+            return None
+        self._last_status = status
+        return status
+
+    # ---------------------------------------------------------------------------------------------- reply side
+    def reply(self, wait_s: float = 0.3, every_s: float = 0.3
+              ) -> Iterator[tuple[list[dict] | None, tuple[int, np.ndarray] | None]]:
+        """Answer the waiting turn, if any: (Chatbot messages or None when unchanged, audio chunk to play or None)
+        as the reply grows. The transcript is sent at most every `every_s` while the reply streams (each update
+        redraws the page's players, which would slow the microphone's stream down); every audio chunk goes at
+        once. Ends early on barge-in or hang-up; always ends with the messages of the whole call (clips included).
+        """
+        yield self.messages(), None  # the visitor's turn shows at once, while the prompt is prefilled
+        sent_at, stale = time.monotonic(), False
+        try:
+            for piece in self.call.run_reply(wait_s):
+                stale = stale or bool(piece.text)
+                messages = None
+                if stale and time.monotonic() - sent_at >= every_s:
+                    messages, sent_at, stale = self.messages(), time.monotonic(), False
+                audio = (piece.sample_rate, piece.audio) if piece.audio is not None and len(piece.audio) else None
+                if messages is not None or audio is not None:
+                    yield messages, audio
+        except UserError:
+            yield self.messages(), None
+            raise
+        yield self.messages(), None
+
+    @user_errors
+    def _respond(self, user_audio: np.ndarray, index: int, stop: threading.Event) -> Iterator[ReplyPiece]:
+        engine = get_engine()
+        sampling, voice = self.sampling, self.voice
+        turns = self._prompt_turns(index, user_audio)
+        inputs = prepare_inputs(engine.processor, engine.max_context, turns, "", sampling)
+        if stop.is_set():
+            return
+        rate = engine.speech.sample_rate if engine.speech is not None else 0
+        for chunk in stream_job(Job(self.key, [inputs], sampling, voice)):
+            if stop.is_set():  # a barge-in that came while the job was starting
+                stop_session(self.key)
+                return
+            audio = chunk.audio if chunk.audio is not None and len(chunk.audio) else None
+            if chunk.text or audio is not None:
+                yield ReplyPiece(chunk.text, audio, rate)
+
+    def _prompt_turns(self, index: int, user_audio: np.ndarray) -> list[ChatTurn]:
+        """The call so far as a conversation: earlier answered turns (their reply text, even when cut short; turns
+        left unanswered because the visitor kept talking are skipped), then the turn to answer."""
+        transcript = self.call.transcript()
+        turns = [ChatTurn(text="", media=[("audio", self.user_clip(t))], audio=t.user_audio, reply=t.reply_text)
+                 for t in transcript[:index] if t.reply_text.strip()]
+        current = transcript[index]
+        turns.append(ChatTurn(text="", media=[("audio", self.user_clip(current))], audio=user_audio))
+        return turns
+
+    # ------------------------------------------------------------------------------------------------ transcript
+    def user_clip(self, turn: CallTurn) -> str:
+        return self._clip("user", turn.index, lambda: (SAMPLE_RATE, turn.user_audio))
+
+    def reply_clip(self, turn: CallTurn) -> str | None:
+        if not turn.done or not turn.reply_audio:
+            return None
+        return self._clip("reply", turn.index, lambda: (turn.reply_sample_rate, turn.reply_waveform()))
+
+    def _clip(self, kind: str, index: int, audio) -> str:
+        with self._clip_lock:
+            path = self._clips.get((kind, index))
+            if path is None:
+                path = self._clips[(kind, index)] = save_wav(*audio())
+            return path
+
+    def messages(self) -> list[dict]:
+        """Chatbot messages for the call: each turn's recording, and each reply's text and clip (replayable once
+        the reply is done). Interrupted replies say so."""
+        out: list[dict] = []
+        for turn in self.call.transcript():
+            out.append({"role": "user", "content": [{"path": self.user_clip(turn), "mime_type": "audio/wav"}]})
+            text = turn.reply_text.strip()
+            if turn.error:
+                text = f"{text}\n\n*(no reply: {turn.error.split(': ', 1)[-1]})*".strip()
+            elif turn.interrupted:
+                text = f"{text} *(interrupted)*" if text or turn.reply_audio else \
+                    "*(not answered: you went on talking)*"
+            elif not turn.done and not text:
+                text = "…"
+            content: list = [text] if text else []
+            if clip := self.reply_clip(turn):
+                content.append({"path": clip, "mime_type": "audio/wav"})
+            if content:
+                out.append({"role": "assistant", "content": content})
+        return out
+
+    def summary(self) -> list[dict]:
+        """The call's turns as JSON-ready dicts (the API's answer)."""
+        rows = []
+        for turn in self.call.transcript():
+            rows.append({"turn": turn.index, "start_s": round(turn.start_s, 3), "end_s": round(turn.end_s, 3),
+                         "end_reason": turn.end_reason, "reply": turn.reply_text,
+                         "reply_audio_s": round(turn.reply_audio_s, 3), "interrupted": turn.interrupted,
+                         "error": turn.error})
+        return rows
+
+
+# ------------------------------------------------------------------------------------------------------ the API
+def load_recording(path: str | None, max_seconds: float) -> np.ndarray:
+    """A recording as 16 kHz float32, with the length checked from the header first."""
+    if not path:
+        raise UserError("Upload or record an audio file first.", title="No audio")
+    name = os.path.basename(path)
+    try:
+        seconds = audio_duration(path)
+        if seconds > max_seconds:
+            raise UserError(f"'{name}' is {format_duration(seconds)} long; the limit here is "
+                             f"{format_duration(max_seconds)}.", title="Recording too long")
+        return load_audio(path)
+    except MediaError as error:
+        raise UserError(str(error), title="Unreadable audio") from None
+
+
+def detected_turns(path: str | None, pause_s: float = DEFAULT_PAUSE_S) -> list[dict]:
+    """The turns a live call would take from this recording (no model involved): start, end, why it ended, and when
+    the detector decided, in seconds of the recording."""
+    config = turn_config(pause_s, silence_timeout_s=None)
+    waveform = load_recording(path, MAX_ASR_SECONDS)
+    return [turn.summary() for turn in detect_turns((SAMPLE_RATE, waveform), config, chunk_s=CHUNK_S)]
+
+
+@user_errors
+def whole_call(path: str | None, pause_s: float, voice: str | None, max_new_tokens: int, session: str,
+               cloned: torch.Tensor | None = None) -> Iterator[tuple[list[dict], list[dict]]]:
+    """A whole call from a recording: its chunks go to a call as a microphone's would, and each turn is answered as
+    soon as it is detected (each reply its own GPU job). The recording does not wait for a reply; a reply's audio
+    then "plays" for its length in the recording's time, and speech during it interrupts it, as in a live call.
+    Yields (Chatbot messages, turn summaries) as the call goes on."""
+    call = VoiceCall(session, voice, pause_s, max_new_tokens, cloned=cloned, silence_timeout_s=None)
+    waveform = load_recording(path, MAX_CALL_FILE_SECONDS)
+    # Trailing silence, so that a last turn spoken up to the end of the file is still heard to end.
+    waveform = np.concatenate([waveform, np.zeros(int(SAMPLE_RATE * (call.call.config.end_pause_s + 0.5)),
+                                                  np.float32)])
+    step = int(SAMPLE_RATE * CHUNK_S)
+    for start in range(0, len(waveform), step):
+        events = call.feed((SAMPLE_RATE, waveform[start:start + step]))
+        if any(isinstance(e, TurnQueued) for e in events):
+            for messages, _ in call.reply(every_s=0.0):
+                if messages is not None:
+                    yield messages, call.summary()
+    if not call.call.transcript():
+        raise UserError(f"No speech was heard in '{os.path.basename(path)}'.", title="No speech")
+    yield call.messages(), call.summary()
