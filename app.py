@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from ming.processor import ASR_PROMPT
-from serving import checks, flows, render, voice_clone
+from serving import checks, flows, render, voice_call_flow, voice_clone
 from serving.checks import sampling_config
 from serving.engine import load_engine, stop_session
 from serving.errors import UserError
@@ -385,6 +385,147 @@ def build_thinking_tab():
     chatbot.clear(lambda: [], None, turns, api_visibility="private", queue=False)
 
 
+# ========================================================================================================= voice call
+# The microphone streams short chunks to `call_chunk` (Gradio 6.31's recorder uploads one every 0.1 s, whatever
+# stream_every says; its own unlimited concurrency, never the GPU queue), which only feeds the call. Its events set the hidden signal box; the box's change pauses the reply's playback in the page at
+# once on barge-in (js, no round trip) and starts `call_reply` in the GPU queue, the only event that writes the
+# transcript. See serving/voice_call_flow.py and serving/voice_call.py.
+CALL_RECORD_JS = "() => { const b = document.querySelector('#call-mic .record-button'); if (b) b.click(); }"
+CALL_SIGNAL_JS = """(value) => {
+    value = value || '';
+    if (value.includes('stop=') || value.includes('end=')) {
+        document.querySelectorAll('#call-reply audio').forEach(a => a.pause());
+    }
+    if (value.includes('end=')) {
+        const b = document.querySelector('#call-mic .stop-button');
+        if (b) b.click();
+    }
+}"""
+CALL_IDLE_STATUS = ("Press **Start call** and allow the microphone, then just talk. Pause to let the model answer; "
+                    "talk over the answer to interrupt it.")
+
+
+def start_call(call, pause_s, voice, max_new_tokens, cloned, request: gr.Request):
+    """The recording started (Start call, or the microphone's own button): a new call, unless one is going on."""
+    if call is not None and not call.ended:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    try:
+        call = voice_call_flow.VoiceCall(request.session_hash, voice, pause_s, max_new_tokens, cloned=cloned)
+    except UserError as error:
+        gr.Warning(error.message, title=error.title)
+        return gr.skip(), f"The call did not start: {error.message}", f"end=error seq={id(error)}", gr.skip()
+    return call, call.status_update(), gr.skip(), gr.Timer(active=True)
+
+
+def call_chunk(chunk, call):
+    """One microphone chunk: feed the call; tell the page what happened (never runs the model)."""
+    if call is None or call.ended:
+        return gr.skip(), gr.skip(), gr.skip()
+    events = call.feed(chunk)
+    signal, status = call.signal(events), call.status_update()
+    return signal if signal is not None else gr.skip(), call, status if status is not None else gr.skip()
+
+
+def end_call(call, reason: str = "hang_up"):
+    """Hang up (or the microphone stopped): the reply stops, the page stops the recorder and shows the transcript."""
+    if call is None:
+        return gr.skip(), gr.skip(), gr.Timer(active=False)
+    signal = call.signal(call.hang_up(reason))
+    status = call.status_update()
+    return signal if signal is not None else gr.skip(), status if status is not None else gr.skip(), \
+        gr.Timer(active=False)
+
+
+def check_call(call):
+    """Every few seconds during a call: end it if the microphone has stopped sending sound."""
+    if call is None or call.ended:
+        return gr.skip(), gr.skip(), gr.Timer(active=False)
+    signal = call.signal(call.check_microphone())
+    status = call.status_update()
+    return (signal if signal is not None else gr.skip(), status if status is not None else gr.skip(),
+            gr.Timer(active=False) if call.ended else gr.skip())
+
+
+@shows_errors
+def call_reply(call, voice, max_new_tokens, cloned):
+    """Answer the turn that is waiting (each reply its own GPU job), streaming its audio and the transcript."""
+    if call is None:
+        return
+    call.set_reply_options(voice, max_new_tokens, cloned)
+    for messages, audio in call.reply():
+        yield messages if messages is not None else gr.skip(), audio if audio is not None else gr.skip()
+
+
+def voice_call_turns(audio, pause_s):
+    try:
+        return voice_call_flow.detected_turns(audio, pause_s)
+    except UserError as error:
+        raise gr.Error(error.message, title=error.title, print_exception=False) from None
+
+
+@shows_errors
+def voice_call_file(audio, pause_s, voice, max_new_tokens, cloned=None, request: gr.Request = None):
+    yield from voice_call_flow.whole_call(audio, pause_s, voice, max_new_tokens, request.session_hash, cloned)
+
+
+def build_voice_call_tab(cloned: gr.State) -> None:
+    call = gr.State(None, delete_callback=lambda c: c.hang_up("closed") if c is not None else None)
+    gr.Markdown("A hands-free conversation. Press **Start call**, then just talk: when you pause, the model answers "
+                "out loud. Talk over the answer to interrupt it. **Hang up** ends the call; the conversation stays "
+                "below to replay.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            microphone = gr.Audio(sources=["microphone"], streaming=True, label="Microphone", elem_id="call-mic")
+            with gr.Row():
+                start = gr.Button("Start call", variant="primary", elem_id="call-start")
+                hang_up = gr.Button("Hang up", variant="stop", elem_id="call-hang-up")
+            status = gr.Markdown(CALL_IDLE_STATUS, elem_id="call-status")
+            voice = voice_dropdown()
+            with gr.Accordion("Settings", open=False, elem_id="call-settings"):
+                low, high = voice_call_flow.PAUSE_RANGE_S
+                pause = gr.Slider(low, high, value=voice_call_flow.DEFAULT_PAUSE_S, step=0.1,
+                                  label="Pause that ends your turn (seconds)", elem_id="call-pause",
+                                  info="Shorter: quicker answers. Longer: room to think mid-sentence.")
+                max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens",
+                                           elem_id="call-max-tokens")
+        with gr.Column(scale=2):
+            reply_audio = streaming_reply_audio("call-reply")
+            chatbot = gr.Chatbot(label="Call transcript", height=420, elem_id="call-chatbot")
+    with gr.Accordion("No microphone? Run a call on a recording", open=False, elem_id="call-file-panel"):
+        gr.Markdown("The recording is heard as a microphone would hear it: each pause ends a turn, each turn gets a "
+                    "spoken reply, and speech while a reply would still be playing interrupts it.")
+        recording = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Recording",
+                             elem_id="call-file")
+        with gr.Row():
+            find_turns = gr.Button("Find the turns", elem_id="call-file-turns-button")
+            run_file = gr.Button("Run the call", variant="primary", elem_id="call-file-run")
+        file_chatbot = gr.Chatbot(label="The call on the recording", height=300, elem_id="call-file-chatbot")
+        turns_json = gr.JSON(label="Turns (seconds into the recording)", elem_id="call-file-turns")
+    signal = gr.Textbox("", visible="hidden", elem_id="call-signal")
+    timer = gr.Timer(2.0, active=False)
+
+    start.click(None, js=CALL_RECORD_JS)
+    microphone.start_recording(start_call, [call, pause, voice, max_new_tokens, cloned], [call, status, signal, timer],
+                               show_progress="hidden", api_visibility="private", queue=False)
+    microphone.stream(call_chunk, [microphone, call], [signal, call, status], stream_every=0.2,
+                      concurrency_id="call-microphone", concurrency_limit=None, show_progress="hidden",
+                      api_visibility="private")
+    signal.change(None, signal, None, js=CALL_SIGNAL_JS)
+    signal.change(call_reply, [call, voice, max_new_tokens, cloned], [chatbot, reply_audio], show_progress="hidden",
+                  trigger_mode="always_last", api_visibility="private", **GPU_EVENT)
+    hang_up.click(end_call, call, [signal, status, timer], show_progress="hidden", api_visibility="private",
+                  queue=False)
+    microphone.stop_recording(end_call, call, [signal, status, timer], show_progress="hidden",
+                              api_visibility="private", queue=False)
+    timer.tick(check_call, call, [signal, status, timer], show_progress="hidden", api_visibility="private",
+               queue=False)
+    cloned.change(lambda v: gr.update(choices=voices_for(v)), cloned, voice, api_visibility="private", queue=False)
+    find_turns.click(voice_call_turns, [recording, pause], turns_json, api_name="voice_call_turns",
+                     concurrency_id="call-turns", concurrency_limit=2)
+    run_file.click(voice_call_file, [recording, pause, voice, max_new_tokens, cloned], [file_chatbot, turns_json],
+                   api_name="voice_call", **GPU_EVENT)
+
+
 CSS = """
 #banner { background: #fff4e5; border: 1px solid #f0a030; border-radius: 8px; padding: 4px 12px; }
 .limits { font-size: 0.85em; opacity: 0.8; }
@@ -407,6 +548,8 @@ def build_demo() -> gr.Blocks:
                 build_asr_tab()
             with gr.Tab("Speech-to-speech", id="s2s"):
                 speech_voice = build_speech_tab(cloned)
+            with gr.Tab("Voice call", id="call"):
+                build_voice_call_tab(cloned)
             with gr.Tab("Thinking", id="thinking"):
                 build_thinking_tab()
         gr.Markdown(f"Model: `{os.path.basename(ENGINE.checkpoint.rstrip('/'))}` on {ENGINE.device.type.upper()}. "

@@ -423,3 +423,50 @@ def test_browser_call_with_the_tiny_model(call_page, tmp_path):
     expect(clips(page, "bot")).to_have_count(1)
     assert bot_texts(page)[0].strip()
     hang_up(page)
+
+
+# ------------------------------------------------------------------------------------------- the page's handlers
+def test_a_microphone_that_stops_sending_ends_the_call_politely(app):
+    from serving.voice_call_flow import MIC_FIRST_CHUNK_S, MIC_QUIET_S, VoiceCall
+
+    space = app[0]
+    call = VoiceCall("handler-test", "luna")
+    assert not isinstance(space.check_call(call)[0], str) and not call.ended  # a fresh call is left alone ...
+    call.check_microphone(now=call.started_at + MIC_FIRST_CHUNK_S - 1)
+    assert not call.ended  # ... while the visitor may still be answering the permission prompt
+    call.feed((48000, np.zeros(4800, np.int16)))
+    assert call.check_microphone(now=call.last_chunk_at + MIC_QUIET_S - 1) == []
+    call.last_chunk_at -= MIC_QUIET_S + 1  # nothing came for longer than that
+    signal, status, timer = space.check_call(call)
+    assert call.ended and "end=no_audio" in signal and "microphone stopped sending sound" in status
+    assert not isinstance(space.check_call(call)[0], str)  # an ended call sends no second signal
+
+
+def test_silence_ends_the_call_with_a_message(app):
+    from serving.voice_call_flow import SILENCE_TIMEOUT_S, VoiceCall
+
+    call = VoiceCall("handler-test", "luna")
+    signal = status = None
+    chunk = (48000, np.zeros(4800, np.int16))
+    for _ in range(int(SILENCE_TIMEOUT_S / 0.1) + 5):
+        signal, _, status = app[0].call_chunk(chunk, call)
+        if isinstance(signal, str):
+            break
+    assert "end=silence_timeout" in signal and f"Nobody spoke for {SILENCE_TIMEOUT_S:.0f} seconds" in status
+
+
+def test_a_visitor_who_never_pauses_is_cut_with_a_message(app):
+    from serving.checks import MAX_AUDIO_SECONDS
+    from serving.voice_call_flow import VoiceCall
+
+    call = VoiceCall("handler-test", "luna", silence_timeout_s=None)
+    talk = np.concatenate([np.concatenate([speech(p), quiet(0.1, seed=i)])
+                           for i, p in enumerate([QUESTION, REQUEST, STORY] * 10)])
+    assert len(talk) / SR > MAX_AUDIO_SECONDS + 2
+    events = []
+    for i in range(0, int((MAX_AUDIO_SECONDS + 2) * SR), 8000):
+        events += call.feed((SR, talk[i:i + 8000]))
+    queued = [e for e in events if type(e).__name__ == "TurnQueued"]
+    assert [e.reason for e in queued] == ["max_length"]
+    assert "without a pause" in call.status() and call.signal(events).startswith("turn=0")
+    call.hang_up()
