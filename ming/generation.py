@@ -47,32 +47,40 @@ class CachePrefix:
 
 
 class DecodeStep:
-    """Feeds one token per row at cache slot `index` and returns the next-token logits [B, V] (float32).
+    """Feeds one token per row, row b at cache slot `index[b]`, and returns the next-token logits [B, V] (float32).
 
-    Owns the static cache and the input buffers, so the same step can be replayed from a CUDA graph."""
+    Owns the input buffers, and the static cache unless given one (the scheduler's steps of several batch sizes
+    share the first rows of one slotted cache), so the same step can be replayed from a CUDA graph. Each row has
+    its own slot, so rows at different points of their sequences decode together; the row's valid slots must all
+    be at or before its new one."""
 
     def __init__(self, llm: BailingMoeForCausalLM, batch: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device, capture: bool):
+                 device: torch.device, capture: bool, cache: KVCache | None = None):
         self.llm = llm
-        self.cache = llm.new_cache(batch, capacity, dtype, device)
+        self.cache = cache if cache is not None else llm.new_cache(batch, capacity, dtype, device)
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, dtype=torch.long, device=device)
-        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.index = torch.zeros(batch, dtype=torch.long, device=device)
         if capture:
             llm.normalize_head_()  # mutates the weight: never inside a capture
         self.run = CapturedStep(self._step, device) if capture else self._step
 
     def _step(self) -> torch.Tensor:
-        self.cache.valid.index_fill_(1, self.index, True)
+        slots = self.index[:, None]  # [B, 1]: each row's own slot
+        self.cache.valid.scatter_(1, slots, True)
         embeds = self.llm.model.word_embeddings(self.token[:, None])
         hidden = self.llm.model(embeds, self.position[:, None], decode_mask(self.cache.valid), None, self.cache,
-                                self.index, final_norm=False)
+                                slots, final_norm=False)
         return self.llm.logits(hidden[:, -1], norm=self.llm.model.norm)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, index: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
+        """index: one slot for all rows, or [B] slots, one per row."""
         self.token.copy_(tokens)
         self.position.copy_(positions)
-        self.index.fill_(index)
+        if isinstance(index, int):
+            self.index.fill_(index)
+        else:
+            self.index.copy_(index)
         return self.run()
 
 

@@ -422,7 +422,7 @@ def gemv(
 def _rope_kernel(
     qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, cache_pos_ptr,
     L, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    WRITE_CACHE: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, PER_ROW: tl.constexpr,
 ):
     token = tl.program_id(0)  # b * L + l
     head = tl.program_id(1)  # queries, then keys, then values of the fused projection
@@ -440,7 +440,11 @@ def _rope_kernel(
         tl.store(base + D // 2 + half, x2)
     if WRITE_CACHE and head >= Q_HEADS:
         kv_head = (head - Q_HEADS) % KV_HEADS
-        pos = tl.load(cache_pos_ptr + token % L)
+        # cache_position is [L] (every row at the same slots) or, PER_ROW, [B, L] (token = b * L + l indexes it).
+        if PER_ROW:
+            pos = tl.load(cache_pos_ptr + token)
+        else:
+            pos = tl.load(cache_pos_ptr + token % L)
         row = ((token // L) * KV_HEADS + kv_head) * S + pos
         if head < Q_HEADS + KV_HEADS:
             tl.store(k_cache_ptr + row * D + half, x1)
@@ -461,14 +465,16 @@ def rope_(
 ) -> None:
     """In place on the fused projection output qkv [B, L, heads, D] (contiguous): rotate the query and key heads
     (NeoX layout; cos/sin [B, L, D] float32) and, with a cache, also write the keys and values at
-    `cache_position` [L] of cache (k, v) [B, kv_heads, S, D]. One kernel for what is otherwise about twenty."""
+    `cache_position` [L] (all rows) or [B, L] (each row at its own slots) of cache (k, v) [B, kv_heads, S, D].
+    One kernel for what is otherwise about twenty."""
     B, L, heads, D = qkv.shape
     k_cache, v_cache = cache if cache is not None else (qkv, qkv)
+    per_row = cache_position is not None and cache_position.dim() == 2
     _rope_kernel[(B * L, heads)](
         qkv, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
-        cache_position if cache_position is not None else cos,
+        cache_position.contiguous() if cache_position is not None else cos,
         L=L, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, D=D, S=k_cache.shape[2] if cache is not None else 1,
-        WRITE_CACHE=cache is not None, num_warps=1,
+        WRITE_CACHE=cache is not None, PER_ROW=per_row, num_warps=1,
     )
 
 

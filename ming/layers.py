@@ -11,6 +11,7 @@ Also here: the static KV cache, RoPE, and `CapturedStep`, the one place a step i
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -178,6 +179,11 @@ class KVCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
+    def rows(self, rows: slice) -> "KVCache":
+        """A view of some rows (no copy, still contiguous): the scheduler's decode steps of several batch sizes and
+        its per-request prefills share one slotted cache this way."""
+        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.valid[rows])
+
 
 def prompt_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
     """Mask for a prompt of L tokens over its own keys: None (plain causal) without padding, else a boolean
@@ -216,7 +222,8 @@ def attend(
     """Rotary attention over the projected qkv [B, L, num_heads + 2 num_kv_heads, D] (contiguous); returns
     [B, L, num_heads * D].
 
-    With a cache (keys, values) [B, kv_heads, S, D], the new keys and values are first written at `slots` [L].
+    With a cache (keys, values) [B, kv_heads, S, D], the new keys and values are first written at `slots`: [L]
+    (every row at the same slots) or [B, L] (each row at its own, for rows at different points of their sequences).
     `mask` (boolean, True where a query may attend) says what the queries see: None is plain causal attention over
     the new tokens (lets SDPA pick its flash kernel); [B, 1, L, L] is over the new tokens; [B, 1, L, S] is over the
     whole cache (decode steps, and chunks prefilled after earlier ones)."""
@@ -234,8 +241,7 @@ def attend(
         q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            cache[0].index_copy_(2, slots, k)
-            cache[1].index_copy_(2, slots, v)
+            write_cache_(cache, slots, k, v)
     if over_cache:
         k, v = cache
         if L == 1:
@@ -243,6 +249,18 @@ def attend(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                          enable_gqa=num_kv_heads != num_heads)
     return out.transpose(1, 2).reshape(B, L, -1)
+
+
+def write_cache_(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+    """Write k, v [B, kv_heads, L, D] into the cache at `slots` [L] (all rows) or [B, L] (per row)."""
+    if slots.dim() == 1:
+        cache[0].index_copy_(2, slots, k)
+        cache[1].index_copy_(2, slots, v)
+        return
+    index = slots[:, None, :, None].expand_as(k)
+    cache[0].scatter_(2, index, k)
+    cache[1].scatter_(2, index, v)
 
 
 def flash_decoding_fits(keys: torch.Tensor) -> bool:
@@ -267,6 +285,10 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 # ------------------------------------------------------------------------------------------------- CUDA graphs
 MIN_BUCKET = 1024
 T = TypeVar("T")
+# Held while a graph is captured. A capture fails if another thread launches work meanwhile, so threads that share
+# the GPU with captures made at run time (the scheduler's decode loop beside the speech of several replies) hold it
+# around their GPU work too.
+CAPTURE_LOCK = threading.RLock()
 
 
 def graphs_allowed(device: torch.device | str) -> bool:
@@ -294,6 +316,10 @@ class CapturedStep(Generic[T]):
         self.output: T | None = None
         if not graphs_allowed(device):
             return
+        with CAPTURE_LOCK:
+            self._capture(step, device, warmups)
+
+    def _capture(self, step: Callable[[], T], device: torch.device | str, warmups: int) -> None:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):

@@ -281,3 +281,36 @@ def test_talker_fused_decode_matches_the_plain_path_in_bf16(tmp_path):
     fused, plain = outputs
     err = ((fused - plain).norm() / plain.norm()).item()
     assert err < 2e-2, err
+
+
+def test_rope_writes_each_row_at_its_own_cache_slots():
+    """kernels.rope_ with per-row cache positions [B, L] (the scheduler's decode step: rows at different points
+    of their sequences) against the plain path: rotated q/k, and k/v written at each row's own slots and nowhere
+    else. One slot list [L] for all rows still gives exactly what the same slots passed per row give."""
+    from ming import kernels
+    from ming.layers import apply_rope, rope_cos_sin, write_cache_
+
+    B, L, H, KV, D, S = 3, 2, 16, 4, 128, 32
+    qkv = torch.randn(B, L, H + 2 * KV, D, device="cuda", dtype=torch.bfloat16)
+    slots = torch.tensor([[3, 4], [10, 11], [0, 1]], device="cuda")
+    cos, sin = rope_cos_sin(slots + 5, D, 600000.0)
+    rotated = qkv.clone()
+    cache = torch.zeros(2, B, KV, S, D, device="cuda", dtype=torch.bfloat16)
+    kernels.rope_(rotated, cos, sin, H, KV, (cache[0], cache[1]), slots)
+
+    q, k, v = (t.float().transpose(1, 2) for t in qkv.split([H, KV, KV], dim=2))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    want = torch.zeros(2, B, KV, S, D, device="cuda")
+    write_cache_((want[0], want[1]), slots, k, v)
+    torch.testing.assert_close(rotated[:, :, :H].float(), q.transpose(1, 2), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(cache.float(), want, rtol=2e-2, atol=2e-2)
+    assert torch.equal(cache.ne(0).any(-1), want.ne(0).any(-1)), "written at each row's slots, nowhere else"
+
+    same = slots[0]
+    cos, sin = rope_cos_sin(same.expand(B, L), D, 600000.0)
+    outs = []
+    for positions in (same, same.expand(B, L)):
+        x, c = qkv.clone(), torch.zeros_like(cache)
+        kernels.rope_(x, cos, sin, H, KV, (c[0], c[1]), positions)
+        outs.append((x, c))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
