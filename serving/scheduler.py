@@ -1,0 +1,526 @@
+"""Continuous batching: one decode loop serves the text of every visitor at once (a dedicated GPU; not ZeroGPU).
+
+A thread owns one slotted KV cache: `rows` rows of `capacity` slots each, both worked out from a memory budget.
+Each admitted request gets a row. Every turn of the loop:
+
+  1. requests that finished, were stopped or were abandoned leave at once, and the highest occupied row moves into
+     the freed one (its used slots, valid flags, position and slot), so occupied rows stay packed at the bottom;
+  2. waiting requests are admitted into free rows (the rest wait, and are told how many requests are ahead);
+  3. one request's prompt is embedded (media included) and prefilled into its row, one chunk of at most
+     `prefill_chunk` tokens per turn, so that running streams never stall long for someone else's prompt;
+  4. one decode step feeds every decoding row its next token, each row at its own cache slot and position, with the
+     step captured for the smallest batch bucket (1, 2, 4, ... rows) covering the occupied rows.
+
+Each request keeps its own sampling settings, seed, max tokens, repetition guard and stop event, and streams its
+token ids through a `RequestStream`. Iteration-level scheduling and chunked prefill are the ideas of Orca, vLLM and
+SGLang; this is our own code on `ming.generation`'s pieces.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ming.generation import DecodeStep, key_valid_of
+from ming.layers import CAPTURE_LOCK, MIN_BUCKET, KVCache, cache_bucket, cache_mask, prompt_mask, use_triton
+from ming.modeling import MingOmni, split_generation_kwargs
+from ming.sampling import NgramGuard, SamplingConfig, select_next_token
+
+log = logging.getLogger("serving.scheduler")
+
+MAX_ACTIVE = 32  # rows decoded together at most: aggregate throughput still grows past it, per visitor speed falls
+PREFILL_CHUNK = 512  # prompt tokens per loop turn: ~10-20 ms on an H200, what a running stream waits at most
+MIN_CONTEXT = 8192  # shrink the number of rows before each row's context falls below this
+CPU_BUDGET_BYTES = 128 * 2**20  # KV memory on the CPU (the tiny model): a fixed small budget
+GPU_BUDGET_FRACTION = 0.4  # of the GPU memory free once the model is loaded; the rest: activations, vision, speech
+
+
+# ------------------------------------------------------------------------------------------------- memory budget
+def kv_bytes_per_token(model: MingOmni) -> int:
+    """Cache bytes one token takes: keys and values of every layer, plus its valid flag."""
+    c = model.config.llm_config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.attention_head_dim * model.dtype.itemsize + 1
+
+
+def memory_budget(device: torch.device) -> int:
+    """KV bytes this process may use: MING_KV_BUDGET_GB if set, else a share of the free GPU memory, or a fixed
+    small budget on the CPU."""
+    if os.environ.get("MING_KV_BUDGET_GB"):
+        return int(float(os.environ["MING_KV_BUDGET_GB"]) * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_BUDGET_FRACTION)
+    return CPU_BUDGET_BYTES
+
+
+def plan_cache(bytes_per_token: int, budget: int, max_active: int, max_context: int) -> tuple[int, int]:
+    """(rows, capacity) of the slotted cache within `budget`: each row as long as the model's context while
+    `max_active` rows fit, then shorter (down to MIN_CONTEXT), then fewer rows. Capacity is a power of two (the
+    flash-decoding kernel's shape) and includes one scratch slot, where idle rows write during a decode step."""
+    capacity = cache_bucket(max_context)
+    while capacity > max(MIN_CONTEXT, MIN_BUCKET) and max_active * capacity * bytes_per_token > budget:
+        capacity //= 2
+    rows = min(max_active, budget // (capacity * bytes_per_token))
+    while rows == 0 and capacity > MIN_BUCKET:  # a tiny budget: one shorter row
+        capacity //= 2
+        rows = min(max_active, budget // (capacity * bytes_per_token))
+    return max(rows, 1), capacity
+
+
+def batch_buckets(rows: int) -> list[int]:
+    """Batch sizes a decode step is captured for: powers of two below `rows`, then `rows`."""
+    buckets = [1 << i for i in range(rows.bit_length()) if 1 << i < rows]
+    return buckets + [rows]
+
+
+# ------------------------------------------------------------------------------------------------------ streams
+class RequestStream:
+    """What a caller holds for one submitted request: iterate it for the new token ids (it ends at <|endoftext|>,
+    max_new_tokens, the stop event or `cancel()`); `waiting()` first yields how many requests are ahead while it
+    is queued; `thinker_states` (when asked for) is ready once the prompt is prefilled."""
+
+    def __init__(self, stop_event: threading.Event | None):
+        self.stop_event = stop_event
+        self.finish_reason: str | None = None  # "eos" | "length" | "stopped"
+        self.queue_position: int | None = None  # requests ahead of this one while it waits; None once admitted
+        self.submitted = time.perf_counter()
+        self._events: queue.Queue = queue.Queue()  # ("ahead", n) | ("prefilled", states) | ("token", id) | end
+        self._held: collections.deque = collections.deque()  # events read ahead by waiting()/thinker_states
+        self._states: torch.Tensor | None = None
+        self._prefilled = False
+        self.cancelled = threading.Event()
+
+    # -------- the scheduler's side
+    def _put(self, kind: str, value=None) -> None:
+        self._events.put((kind, value))
+
+    # -------- the caller's side
+    def _next_event(self):
+        if self._held:
+            return self._held.popleft()
+        while True:
+            try:
+                return self._events.get(timeout=0.05)
+            except queue.Empty:
+                if self.stop_event is not None and self.stop_event.is_set():
+                    return ("end", "stopped")  # the scheduler drops the row at its next turn
+
+    def waiting(self) -> Iterator[int]:
+        """While queued: the number of requests ahead, each time it changes. Returns once the request is admitted
+        (or has ended)."""
+        while True:
+            kind, value = self._next_event()
+            if kind == "ahead":
+                self.queue_position = value
+                yield value
+                continue
+            self._held.appendleft((kind, value))
+            return
+
+    @property
+    def thinker_states(self) -> torch.Tensor | None:
+        """[1, L, H]: the prompt's input embeddings plus its last hidden states (what the talker is conditioned on);
+        None unless asked for. Blocks until the prompt is prefilled."""
+        while not self._prefilled:
+            kind, value = self._next_event()
+            if kind == "prefilled":
+                self._prefilled, self._states = True, value
+            elif kind != "ahead":
+                self._held.appendleft((kind, value))
+                break
+        return self._states
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        while self.finish_reason is None:
+            if self.stop_event is not None and self.stop_event.is_set():
+                self.finish_reason = "stopped"
+                break
+            kind, value = self._next_event()
+            if kind == "token":
+                return value
+            if kind == "prefilled":
+                self._prefilled, self._states = True, value
+            elif kind == "end":
+                self.finish_reason = value
+            elif kind == "error":
+                self.finish_reason = "stopped"
+                raise value
+        raise StopIteration
+
+    def cancel(self) -> None:
+        """The caller is gone (or done): free the row at the scheduler's next turn."""
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state inside the scheduler (only its thread touches it after admission)."""
+
+    input_ids: torch.Tensor  # [1, L]
+    attention_mask: torch.Tensor | None
+    media: dict[str, torch.Tensor]
+    cfg: SamplingConfig
+    stream: RequestStream
+    keep_thinker_states: bool
+    row: int = -1
+    # prefill
+    embeds: torch.Tensor | None = None
+    router_ids: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # [1, L] key validity (no padding for one prompt, but honour a mask)
+    positions: torch.Tensor | None = None  # [1, L] RoPE positions
+    prefilled: int = 0  # prompt tokens in the cache so far
+    states: list[torch.Tensor] = field(default_factory=list)
+    # decode
+    decoding: bool = False
+    token: int = 0  # the next token to feed
+    position: int = 0  # its RoPE position
+    slot: int = 0  # its cache slot; slots [0, slot) are this request's
+    generated: int = 0
+    guard: NgramGuard | None = None
+    generator: torch.Generator | None = None
+    reason: str | None = None  # set when the request is done: "eos" | "length" | "stopped"
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def used_slots(self) -> int:
+        return self.slot if self.decoding else self.prefilled
+
+
+# ---------------------------------------------------------------------------------------------------- scheduler
+class Scheduler:
+    """The decode loop and its slotted cache; `submit` from any thread."""
+
+    def __init__(self, model: MingOmni, max_active: int = MAX_ACTIVE, budget_bytes: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        self.model, self.llm = model, model.model
+        self.device, self.dtype = model.device, model.dtype
+        self.prefill_chunk = prefill_chunk
+        self.budget = budget_bytes if budget_bytes is not None else memory_budget(self.device)
+        max_context = model.config.llm_config.max_position_embeddings
+        self.rows, self.capacity = plan_cache(kv_bytes_per_token(model), self.budget, max_active, max_context)
+        self.scratch = self.capacity - 1  # idle rows write here during a decode step; no request ever uses it
+        self.cache = self.llm.new_cache(self.rows, self.capacity, self.dtype, self.device)
+        self.kv_bytes = self.rows * self.capacity * kv_bytes_per_token(model)
+        capture = use_triton(self.llm.lm_head.weight)
+        # Every bucket's step is made (and on a GPU captured) now, before any visitor: a capture fails if another
+        # thread launches GPU work meanwhile, and it would stall everyone's stream.
+        self.steps = {b: DecodeStep(self.llm, b, self.capacity, self.dtype, self.device, capture,
+                                    cache=self.cache.rows(slice(0, b))) for b in batch_buckets(self.rows)}
+        self.cache.valid.zero_()
+        self.eos = model.config.llm_config.eos_token_id
+        self.active: list[Request] = []  # row i holds active[i]: occupied rows packed at the bottom
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.peak_active = 0
+        self.steps_run = 0
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="ming-scheduler", daemon=True)
+        self._thread.start()
+        log.info("scheduler: %d rows x %d slots (%.2f GiB of a %.2f GiB budget), buckets %s", self.rows,
+                 self.capacity, self.kv_bytes / 2**30, self.budget / 2**30, list(self.steps))
+
+    # ----------------------------------------------------------------------------------------- callers' side
+    @property
+    def max_prompt(self) -> int:
+        """The longest prompt a row holds with room for at least one new token."""
+        return self.scratch - 1
+
+    def submit(self, inputs: dict[str, torch.Tensor], sampling: SamplingConfig,
+               stop_event: threading.Event | None = None, thinker_states: bool = False) -> RequestStream:
+        """Queue one prompt (the processor's inputs for one conversation: input_ids [1, L], media tensors). Returns
+        at once; the stream yields its new token ids. max_new_tokens is cut to what the row holds."""
+        inputs = dict(inputs)
+        input_ids = inputs.pop("input_ids")
+        attention_mask = inputs.pop("attention_mask", None)
+        if input_ids.shape[0] != 1:
+            raise ValueError("the scheduler takes one prompt per request")
+        _, media = split_generation_kwargs(inputs)
+        length = input_ids.shape[1]
+        if length > self.max_prompt:
+            raise ValueError(f"The prompt is {length} tokens long; this server holds at most {self.max_prompt} "
+                             "per visitor. Try a shorter conversation (Clear), or fewer or smaller media.")
+        room = self.scratch - length
+        if sampling.max_new_tokens > room:
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        stream = RequestStream(stop_event)
+        request = Request(input_ids, attention_mask, media, sampling, stream, thinker_states)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self.waiting.append(request)
+            self._wake.notify()
+        return stream
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not self._closed and not self.active and not self.waiting:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                self._admit()
+            # Speech threads capture their graphs at run time (under this lock): never during our GPU work.
+            with CAPTURE_LOCK:
+                try:
+                    self._turn()
+                except Exception as error:  # a step failed (out of memory, say): end every running request
+                    log.exception("decode step failed")
+                    for request in list(self.active):
+                        self._finish(request, error=error)
+        for request in [*self.active, *self.waiting]:
+            request.stream._put("end", "stopped")
+
+    def _admit(self) -> None:
+        """Waiting requests into free rows, first come first served (caller holds `_wake`); tell the rest their
+        place in the queue."""
+        for request in list(self.waiting):
+            if request.stream.cancelled.is_set() or _stopped(request):
+                self.waiting.remove(request)
+                request.stream._put("end", "stopped")
+        while self.waiting and len(self.active) < self.rows:
+            request = self.waiting.popleft()
+            request.row = len(self.active)  # its valid flags were cleared when the row was last vacated
+            self.active.append(request)
+            request.stream.queue_position = None
+        self.peak_active = max(self.peak_active, len(self.active))
+        for ahead, request in enumerate(self.waiting):
+            if request.stream.queue_position != ahead:
+                request.stream.queue_position = ahead
+                request.stream._put("ahead", ahead)
+
+    def _turn(self) -> None:
+        for request in list(self.active):
+            if request.stream.cancelled.is_set() or _stopped(request):
+                self._finish(request, "stopped")
+        prefilling = [r for r in self.active if not r.decoding]
+        if prefilling:
+            try:
+                self._prefill_chunk(prefilling[0])
+            except Exception as error:  # bad media, out of memory: this request only
+                log.exception("prefill failed")
+                self._finish(prefilling[0], error=error)
+        if any(r.decoding for r in self.active):
+            self._decode()
+
+    # ---------------------------------------------------------------------------------------------- prefill
+    def _prefill_chunk(self, request: Request) -> None:
+        """Embed the prompt on its first chunk, then prefill the next chunk into the request's row. The last chunk
+        gives the first new token."""
+        if request.embeds is None:
+            self._start_prefill(request)
+        start = request.prefilled
+        end = min(request.length, start + self.prefill_chunk)
+        row = self.cache.rows(slice(request.row, request.row + 1))
+        slots = torch.arange(start, end, device=self.device)
+        valid = request.valid[:, start:end]
+        row.valid[:, start:end] = valid
+        # The first chunk attends to itself only, as one prompt alone does (plain causal when nothing is padded);
+        # later chunks attend over the row's cache.
+        mask = prompt_mask(valid) if start == 0 else cache_mask(row.valid, slots)
+        router_ids = request.router_ids[:, start:end]
+        hidden = self.llm.model(request.embeds[:, start:end], request.positions[:, start:end], mask, router_ids,
+                                row, slots)
+        if request.keep_thinker_states:
+            request.states.append(request.embeds[:, start:end] + hidden)
+        request.prefilled = end
+        if end < request.length:
+            return
+        logits = self.llm.logits(hidden[:, -1])
+        states = torch.cat(request.states, dim=1) if request.keep_thinker_states else None
+        request.embeds = request.router_ids = request.states = None  # free them now
+        request.stream._put("prefilled", states)
+        request.decoding = True
+        request.slot = request.length
+        request.position = int(request.positions[0, -1]) + 1
+        self._accept(request, self._choose([request], logits)[0])
+
+    def _start_prefill(self, request: Request) -> None:
+        ids = request.input_ids.to(self.device)
+        request.embeds, request.router_ids = self.model.embed(
+            ids, **{name: value.to(self.device) for name, value in request.media.items()})
+        request.media = {}
+        request.valid = key_valid_of(request.attention_mask, ids, self.device)
+        request.positions = (request.valid.long().cumsum(-1) - 1).clamp(min=0)
+        cfg = request.cfg
+        if cfg.no_repeat_ngram_size > 0:
+            request.guard = NgramGuard(cfg.no_repeat_ngram_size, request.input_ids[0].tolist())
+        if cfg.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+    # ----------------------------------------------------------------------------------------------- decode
+    def _decode(self) -> None:
+        """One step for all occupied rows (the smallest captured bucket covering them). Rows still prefilling, and
+        the bucket's empty rows, feed a dummy token at the scratch slot, which is cleared afterwards."""
+        n = len(self.active)
+        batch = next(b for b in self.steps if b >= n)
+        tokens, positions, slots = [0] * batch, [0] * batch, [self.scratch] * batch
+        for request in self.active:
+            if request.decoding:
+                tokens[request.row], positions[request.row], slots[request.row] = (
+                    request.token, request.position, request.slot)
+        step = self.steps[batch]
+        logits = step(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
+        self.cache.valid[:, self.scratch] = False
+        self.steps_run += 1
+        decoding = [r for r in self.active if r.decoding]
+        for request in decoding:
+            request.slot += 1
+            request.position += 1
+        rows = torch.tensor([r.row for r in decoding], device=logits.device)
+        for request, token in zip(decoding, self._choose(decoding, logits.index_select(0, rows))):
+            self._accept(request, token)
+
+    def _choose(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """Each request's next token from its row of logits [n, V], by its own settings. Plain greedy rows share
+        one argmax; rows that sample or ban repeats choose alone, with their own generator, exactly as
+        `Decoder.step` does for one prompt."""
+        chosen: list[int | None] = [None] * len(requests)
+        plain = [i for i, r in enumerate(requests) if not r.cfg.do_sample and r.guard is None]
+        if plain:
+            index = torch.tensor(plain, device=logits.device)
+            for i, token in zip(plain, logits.index_select(0, index).argmax(dim=-1).tolist()):
+                chosen[i] = token
+        for i, request in enumerate(requests):
+            if chosen[i] is None:
+                guards = None if request.guard is None else [request.guard]
+                chosen[i] = int(select_next_token(logits[i:i + 1], request.cfg, guards, request.generator)[0])
+        return chosen
+
+    def _accept(self, request: Request, token: int) -> None:
+        """A chosen token: end at <|endoftext|>, else stream it, and end at max_new_tokens."""
+        request.generated += 1
+        if token == self.eos:
+            self._finish(request, "eos")
+            return
+        if request.guard is not None:
+            request.guard.append(token)
+        request.stream._put("token", token)
+        if request.generated >= request.cfg.max_new_tokens:
+            self._finish(request, "length")
+            return
+        request.token = token
+
+    # ------------------------------------------------------------------------------------------------ leave
+    def _finish(self, request: Request, reason: str = "stopped", error: Exception | None = None) -> None:
+        """The request leaves its row now; the highest occupied row moves into it."""
+        if request not in self.active:
+            return
+        request.reason = reason
+        row, last = request.row, self.active[-1]
+        if last is not request:
+            self._move(last, row)
+            self.active[row] = last
+        self.active.pop()
+        self.cache.valid[len(self.active)].zero_()
+        request.embeds = request.router_ids = request.states = None
+        # Last: once a stream has ended, its row is already free for the next request.
+        if error is not None:
+            request.stream._put("error", error)
+        else:
+            request.stream._put("end", reason)
+
+    def _move(self, request: Request, row: int) -> None:
+        """Copy a request's used slots and valid flags to `row` (lower than its own)."""
+        used = request.used_slots
+        src = request.row
+        for keys, values in zip(self.cache.keys, self.cache.values):
+            keys[row, :, :used].copy_(keys[src, :, :used])
+            values[row, :, :used].copy_(values[src, :, :used])
+        self.cache.valid[row].copy_(self.cache.valid[src])
+        request.row = row
+
+
+def _stopped(request: Request) -> bool:
+    return request.stream.stop_event is not None and request.stream.stop_event.is_set()
+
+
+# ------------------------------------------------------------------------------------------------------- speech
+class SharedSpeech:
+    """One `SpeechGenerator` spoken through by several replies at once, a sentence at a time.
+
+    The talker keeps one KV cache (and its captured step) per size, shared by every reply, and the flow decoder
+    replays captured graphs on fixed buffers. So each sentence's talker run, and each flow + vocoder run, holds
+    one lock (graph captures also take `CAPTURE_LOCK`, inside `CapturedStep`, so they never overlap the decode
+    loop's GPU work); a reply whose talker prefix was overwritten by another reply's since its last sentence runs its
+    prefix again first (one short prefill), so replies interleave sentence by sentence and each stays exactly
+    what it would be alone."""
+
+    def __init__(self, speech):
+        from ming.speech import SpeechGenerator
+
+        self.lock = threading.RLock()
+        self.speech = SpeechGenerator(_TalkerTurns(speech.talker, self.lock), speech.codec,
+                                      _LockedDetokenizer(speech.detokenizer, self.lock), speech.voice_bank,
+                                      speech.max_new_tokens)
+
+    def stream(self, *args, **kwargs):
+        return self.speech.stream(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.speech, name)
+
+
+@dataclass(eq=False)
+class _LazyContext:
+    """A reply's talker prefix, run (again) whenever the shared cache holds someone else's."""
+
+    args: tuple
+    context: object | None = None
+
+
+class _TalkerTurns:
+    def __init__(self, talker, lock: threading.RLock):
+        self.talker, self.lock = talker, lock
+        self.owner: _LazyContext | None = None  # whose prefix the talker's cache holds now
+
+    def __getattr__(self, name: str):
+        return getattr(self.talker, name)
+
+    def start(self, speaker, thinker_states=None, max_new_tokens=None) -> _LazyContext:
+        return _LazyContext((speaker, thinker_states, max_new_tokens))
+
+    def generate(self, context: _LazyContext, *args, **kwargs) -> list[int]:
+        with self.lock:
+            if self.owner is not context:
+                context.context = self.talker.start(*context.args)
+                self.owner = context
+            return self.talker.generate(context.context, *args, **kwargs)
+
+
+class _LockedDetokenizer:
+    def __init__(self, detokenizer, lock: threading.RLock):
+        self.detokenizer, self.lock = detokenizer, lock
+
+    def __getattr__(self, name: str):
+        return getattr(self.detokenizer, name)
+
+    def synthesize(self, *args, **kwargs) -> torch.Tensor:
+        with self.lock:
+            return self.detokenizer.synthesize(*args, **kwargs)
