@@ -165,11 +165,18 @@ def clone(sample, consent, cloned):
     yield embedding, gr.update(choices=voices_for(embedding), value=voice_clone.MY_VOICE), None
 
 
+@shows_errors
+def clone_last_recording(turns, consent, cloned):
+    embedding = voice_clone.clone_from_conversation(turns, consent)
+    gr.Info("Your voice is ready: pick “My voice” in the voice list (it is kept only for this visit).", duration=6)
+    yield embedding, gr.update(choices=voices_for(embedding), value=voice_clone.MY_VOICE)
+
+
 def voices_for(cloned) -> list[str]:
     return VOICES + ([voice_clone.MY_VOICE] if cloned is not None else [])
 
 
-def clone_panel(cloned: gr.State, voice: gr.Dropdown, elem_prefix: str) -> None:
+def clone_panel(cloned: gr.State, voice: gr.Dropdown, turns: gr.State, elem_prefix: str) -> None:
     """"Clone a voice": record or upload 3-30 s of one person speaking, confirm consent, and the voice becomes
     "My voice" in this session's voice lists. Hidden, with the reason, where no speaker model can be had."""
     problem = voice_clone.clone_unavailable_reason()
@@ -183,9 +190,13 @@ def clone_panel(cloned: gr.State, voice: gr.Dropdown, elem_prefix: str) -> None:
         sample = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Voice sample",
                           elem_id=f"{elem_prefix}-clone-sample")
         consent = gr.Checkbox(label=voice_clone.CONSENT, value=False, elem_id=f"{elem_prefix}-clone-consent")
-        button = gr.Button("Use this voice", elem_id=f"{elem_prefix}-clone-button")
+        with gr.Row():
+            button = gr.Button("Use this voice", elem_id=f"{elem_prefix}-clone-button")
+            last = gr.Button("Use the last recording I sent", elem_id=f"{elem_prefix}-clone-last")
     button.click(clone, [sample, consent, cloned], [cloned, voice, sample], api_visibility="private",
                  concurrency_id="clone", concurrency_limit=4)
+    last.click(clone_last_recording, [turns, consent, cloned], [cloned, voice], api_visibility="private",
+               concurrency_id="clone", concurrency_limit=4)
 
 
 def voice_dropdown() -> gr.Dropdown:
@@ -228,7 +239,7 @@ def build_chat_tab(cloned: gr.State) -> gr.Dropdown:
             system_prompt = gr.Textbox("", label="System prompt", lines=3, placeholder="e.g. You are a friendly tutor.")
             speak = gr.Checkbox(label="Reply with voice", value=False, interactive=bool(VOICES), elem_id="chat-speak")
             voice = voice_dropdown()
-            clone_panel(cloned, voice, "chat")
+            clone_panel(cloned, voice, turns, "chat")
             # The API's optional per-call voice: a recording to speak in, instead of the voice picked above.
             voice_sample = gr.Audio(type="filepath", visible=False, label="Voice sample (optional)")
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", info="0 = greedy")
@@ -322,7 +333,7 @@ def build_speech_tab(cloned: gr.State) -> gr.Dropdown:
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Your message",
                              elem_id="s2s-audio")
             voice = voice_dropdown()
-            clone_panel(cloned, voice, "s2s")
+            clone_panel(cloned, voice, turns, "s2s")
             voice_sample = gr.Audio(type="filepath", visible=False, label="Voice sample (optional)")
             with gr.Accordion("Settings", open=False, elem_id="s2s-settings"):
                 max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens",

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import torch
 
 from ming.media import MediaError, audio_duration, load_audio
 from ming.speech.speaker import MAX_INPUT_SECONDS, Reason, assess_voice_sample
 
 from .checks import format_duration
+from .conversation import Turn
 from .engine import get_engine
 from .errors import UserError
 
@@ -63,11 +65,29 @@ def clone_voice(path: str | None, consent: bool) -> torch.Tensor:
             waveform = load_audio(path)
         except MediaError as error:
             raise UserError(str(error), title="Unreadable voice sample") from None
-        sample = assess_voice_sample(get_engine().speaker_encoder, waveform)
+        return voice_from_waveform(waveform, f"'{name}'")
     finally:
         with contextlib.suppress(OSError):
             os.remove(path)
+
+
+def clone_from_conversation(turns: list[Turn], consent: bool) -> torch.Tensor:
+    """The voice of the newest audio the visitor already sent in this conversation (kept decoded in its turn)."""
+    if reason := clone_unavailable_reason():
+        raise UserError(reason, title="Voice cloning is off")
+    recording = next((turn.audio for turn in reversed(turns) if turn.audio is not None), None)
+    if recording is None:
+        raise UserError("You have not sent any audio in this conversation yet: record or upload a voice sample "
+                        "instead.", title="No recording yet")
+    if not consent:
+        raise UserError("Tick the box to confirm that this is your voice, or that you have the speaker's "
+                        "permission.", title="Consent needed")
+    return voice_from_waveform(recording, "Your last recording")
+
+
+def voice_from_waveform(waveform: np.ndarray, what: str) -> torch.Tensor:
+    sample = assess_voice_sample(get_engine().speaker_encoder, waveform)
     if not sample.ok:
-        raise UserError(f"'{name}' cannot be used as a voice: {REASON_MESSAGES[sample.reason]} Your previous voice "
+        raise UserError(f"{what} cannot be used as a voice: {REASON_MESSAGES[sample.reason]} Your previous voice "
                         "stays selected.", title="Voice not cloned")
     return sample.embedding

@@ -105,3 +105,18 @@ def test_a_silent_voice_sample_gets_a_message(app, tmp_path):
     client = Client(app[1], verbose=False)
     with pytest.raises(AppError, match="cannot be used as a voice"):
         client.predict(**chat_args("Say hello!", speak=True, voice_sample=handle_file(path)))
+
+
+def test_the_last_recording_sent_can_become_the_voice(app):
+    from serving.conversation import new_turn
+    from serving.errors import UserError
+    from serving.voice_clone import clone_from_conversation
+
+    with pytest.raises(UserError, match="not sent any audio"):
+        clone_from_conversation([new_turn("Hello", [])], consent=True)
+    turns = [new_turn("", [SAMPLE]), new_turn("And now?", [])]
+    with pytest.raises(UserError, match="Tick the box"):
+        clone_from_conversation(turns, consent=False)
+    voice = clone_from_conversation(turns, consent=True)
+    assert voice.shape == (1, 192)
+    assert os.path.exists(SAMPLE), "an example the visitor sent is theirs: only uploads made for cloning are deleted"
