@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import gradio as gr
 
 from ming.processor import ASR_PROMPT
-from serving import checks, flows, render, voice_call_flow, voice_clone
+from serving import checks, flows, long_video_flow, render, voice_call_flow, voice_clone
 from serving.checks import sampling_config
 from serving.engine import load_engine, stop_session
 from serving.errors import UserError
@@ -48,8 +48,9 @@ ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 ENGINE = load_engine(ARGS.model)  # at import, once: ZeroGPU packs the weights before the first request
 
-# Every event that runs the model shares one queue slot: one request on the GPU at a time.
-GPU_EVENT = dict(concurrency_id="gpu", concurrency_limit=1)
+# Every event that runs the model shares one queue: on a dedicated GPU as many requests at once as the scheduler
+# decodes together (it queues any beyond its memory budget itself); on ZeroGPU one request at a time.
+GPU_EVENT = dict(concurrency_id="gpu", concurrency_limit=ENGINE.concurrency_limit)
 VOICES = ENGINE.voices
 DEFAULT_VOICE = "luna" if "luna" in VOICES else (VOICES[0] if VOICES else None)
 LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
@@ -118,9 +119,29 @@ def undo_chat(turns):
 
 
 @shows_errors
-def vision_qa(image, video, question, max_new_tokens, request: gr.Request):
+def vision_qa(image, video, question, max_new_tokens, request: gr.Request, progress=gr.Progress()):
+    """A long video shows a progress bar (sampling, encoding, compression) the first time it is asked about; later
+    questions about it in this session are answered from memory."""
+    def on_status(status):
+        progress(status.fraction, desc=status.message)
+        if status.notice:
+            gr.Info(status.notice, duration=8)
+
     yield from flows.vision_qa(image, video, question, sampling_config(max_new_tokens=max_new_tokens),
-                               request.session_hash)
+                               request.session_hash, on_status=on_status)
+
+
+def video_status(video, video_session, request: gr.Request):
+    """After each answer: the line about this session's copy of the video in memory (hidden when there is none),
+    and the session's handle, whose deletion frees its videos."""
+    line = long_video_flow.describe(request.session_hash, video)
+    return (gr.update(value=line, visible=bool(line)),
+            video_session or long_video_flow.VideoSession(request.session_hash))
+
+
+def free_session_videos(request: gr.Request):
+    """The page closed: this session's long videos leave memory at once."""
+    long_video_flow.free_session(request.session_hash)
 
 
 @shows_errors
@@ -292,6 +313,10 @@ def build_vision_tab():
         max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
                                    elem_id="vqa-max-tokens")
     answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="vqa-answer")
+    status = gr.Markdown("", visible=False, elem_id="vqa-video-status")
+    # This session's long videos stay in memory for follow-up questions until the page closes (or the state expires).
+    video_session = gr.State(None, delete_callback=lambda handle: handle.close() if handle is not None else None)
+    gr.context.Context.root_block.unload(free_session_videos)
     gr.Markdown(checks.LIMITS_MARKDOWN, elem_classes="limits")
     inputs = [image, video, question, max_new_tokens]
     events = [ask.click(vision_qa, inputs, answer, api_name="vision_qa", **GPU_EVENT),
@@ -304,6 +329,10 @@ def build_vision_tab():
         example_labels=["Read a shop sign", "Find the car", "Follow a bouncing ball"],
     )
     events.append(run_examples(examples, vision_qa, inputs, answer))
+    for event in events:
+        event.then(video_status, [video, video_session], [status, video_session], api_visibility="private",
+                   queue=False)
+    video.change(lambda: gr.update(value="", visible=False), None, status, api_visibility="private", queue=False)
     stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
 
 

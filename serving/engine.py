@@ -3,8 +3,11 @@
   * the model choice (MING_MODEL / --model; the tiny random checkpoint, built on first use, when there is no GPU or
     the weights cannot be reached) and the one model + processor + speech generator, loaded once when the app
     starts, as ZeroGPU requires (weights are loaded before any request, then moved to the GPU per request);
-  * `run_job`, the only GPU work: a generator under `@spaces.GPU` whose duration is computed from the request,
-    yielding CPU data only (text deltas and int16 audio chunks), and the per-session stop events.
+  * `run_job`, the only GPU work on ZeroGPU: a generator under `@spaces.GPU` whose duration is computed from the
+    request, yielding CPU data only (text deltas and int16 audio chunks), and the per-session stop events;
+  * on a dedicated GPU (or the CPU), `run_scheduled` instead: the text of every request goes through one
+    `Scheduler` (serving/scheduler.py) that decodes all visitors' rows together, and spoken replies share the speech
+    generator sentence by sentence (`SharedSpeech`). `MING_SCHEDULER=0/1` forces either path.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ming.speech.speaker import SpeakerEncoder, SpeakerModelUnavailable, load_sp
 from ming.testing.tiny import build_tiny_checkpoint, is_tiny_checkpoint
 
 from .errors import UserError
+from .scheduler import MAX_ACTIVE, Scheduler, SharedSpeech
 
 log = logging.getLogger("serving.engine")
 
@@ -61,6 +65,36 @@ class Engine:
     stop_events: dict[str, threading.Event] = field(default_factory=dict)  # per session: its Stop button
     speaker_encoder: SpeakerEncoder | None = field(default=None, repr=False)  # CAM++ for voice cloning (CPU)
     speaker_model_problem: str = ""  # why voice cloning is off, when it is
+    _scheduler: Scheduler | None = field(default=None, repr=False)  # made on first use (see `scheduler`)
+    _shared_speech: SharedSpeech | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The continuous-batching scheduler (dedicated GPU or CPU): made once, with its KV memory budget worked out
+        from the memory free after the model loaded, and its decode steps captured before any visitor."""
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.model, max_active=int(os.environ.get("MING_MAX_ACTIVE", MAX_ACTIVE)))
+            return self._scheduler
+
+    @property
+    def shared_speech(self) -> SharedSpeech | None:
+        """The speech generator for replies spoken at the same time (interleaved a sentence at a time)."""
+        with self._lock:
+            if self._shared_speech is None and self.speech is not None:
+                self._shared_speech = SharedSpeech(self.speech)
+            return self._shared_speech
+
+    @property
+    def concurrency_limit(self) -> int:
+        """How many GPU events Gradio may run at once: as many as the scheduler decodes together; one on ZeroGPU."""
+        return self.scheduler.rows if use_scheduler() else 1
+
+    def count_job(self, delta: int) -> None:
+        with self._lock:
+            self.active_jobs += delta
+            self.peak_active_jobs = max(self.peak_active_jobs, self.active_jobs)
 
     @property
     def voices(self) -> list[str]:
@@ -68,7 +102,9 @@ class Engine:
 
     @property
     def max_context(self) -> int:
-        return self.model.config.llm_config.max_position_embeddings
+        """Prompt + new tokens one request may take: the model's context, or a scheduler row's."""
+        context = self.model.config.llm_config.max_position_embeddings
+        return min(context, self.scheduler.scratch) if use_scheduler() else context
 
     @property
     def banner(self) -> str:
@@ -81,6 +117,15 @@ class Engine:
 
 
 _ENGINE: Engine | None = None  # the one engine of this process, made by load_engine()
+
+
+def use_scheduler() -> bool:
+    """Continuous batching, unless on ZeroGPU (each request its own GPU task there); MING_SCHEDULER=0/1 decides
+    explicitly. Read at each request, so tests can run both paths in one process."""
+    forced = os.environ.get("MING_SCHEDULER", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not os.environ.get("SPACES_ZERO_GPU")
 
 
 def tiny_checkpoint_dir() -> str:
@@ -160,6 +205,8 @@ def load_engine(requested: str | None = None) -> Engine:
     log.info("loaded %s on %s in %.1f s", folder, device, time.perf_counter() - started)
     _ENGINE = Engine(model, processor, speech, folder, is_tiny, notice, device, speaker_encoder=speaker_encoder,
                      speaker_model_problem=speaker_problem)
+    if use_scheduler():
+        _ENGINE.scheduler  # now: budget from the memory left after loading, steps captured before any visitor
     return _ENGINE
 
 
@@ -199,6 +246,7 @@ class Chunk:
     audio: np.ndarray | None = None  # int16 samples at the speech generator's rate
     segment_done: bool = False  # ASR: a segment's transcript is complete
     finish_reason: str = ""  # with segment_done: "eos", "length" or "stopped"
+    queue_position: int | None = None  # while the request waits for room: how many requests are ahead of it
 
 
 COLD_START_SECONDS = 15  # the first GPU job compiles the Triton kernels and captures graphs: ~10 s on an H100
@@ -213,11 +261,16 @@ def _job_seconds(job: Job) -> int:
 
 @spaces.GPU(duration=_job_seconds)
 def run_job(job: Job) -> Iterator[Chunk]:
-    """The only GPU work: generate each segment's reply, streaming text deltas (and speech chunks)."""
+    """The only GPU work: generate each segment's reply, streaming text deltas (and speech chunks). Through the
+    shared scheduler on a dedicated machine; alone, in this GPU task, on ZeroGPU."""
+    yield from (run_scheduled(job) if use_scheduler() else run_alone(job))
+
+
+def run_alone(job: Job) -> Iterator[Chunk]:
+    """One request on the model by itself (ZeroGPU: each request is its own GPU task)."""
     engine = get_engine()
     stop = engine.stop_events.setdefault(job.session, threading.Event())
-    engine.active_jobs += 1
-    engine.peak_active_jobs = max(engine.peak_active_jobs, engine.active_jobs)
+    engine.count_job(+1)
     try:
         for inputs in job.segments:
             if stop.is_set():
@@ -240,7 +293,40 @@ def run_job(job: Job) -> Iterator[Chunk]:
             torch.cuda.empty_cache()
         raise out_of_memory_error() from None
     finally:
-        engine.active_jobs -= 1
+        engine.count_job(-1)
+
+
+def run_scheduled(job: Job) -> Iterator[Chunk]:
+    """One request on a dedicated GPU: each segment's text comes from the shared scheduler (queued while it is full,
+    with the place in the queue as chunks), speech from the shared speech generator. A stream left unread (the
+    visitor left, or Stop) frees its row at once."""
+    engine = get_engine()
+    stop = engine.stop_events.setdefault(job.session, threading.Event())
+    speech = engine.shared_speech if job.voice is not None else None
+    engine.count_job(+1)
+    try:
+        for inputs in job.segments:
+            if stop.is_set():
+                break
+            stream = engine.scheduler.submit(inputs, job.sampling, stop, thinker_states=speech is not None)
+            try:
+                for ahead in stream.waiting():
+                    yield Chunk(queue_position=ahead)
+                deltas = text_deltas(stream, engine.processor.stream_decoder())
+                if speech is not None:
+                    for event in speech.stream(deltas, thinker_states=stream.thinker_states, voice=job.voice,
+                                               stop_event=stop):
+                        yield Chunk(text=event.text_delta, audio=event.audio)
+                else:
+                    for delta in deltas:
+                        yield Chunk(text=delta)
+                yield Chunk(segment_done=True, finish_reason=stream.finish_reason or "stopped")
+            finally:
+                stream.cancel()
+    except torch.OutOfMemoryError:
+        raise out_of_memory_error() from None
+    finally:
+        engine.count_job(-1)
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but tab and newline

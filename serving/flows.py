@@ -24,8 +24,10 @@ from ming.sampling import SamplingConfig
 
 from .checks import ASR_SEGMENT_SECONDS, MAX_ASR_SECONDS, check_audio, sampling_config
 from .conversation import Turn, new_turn, prepare_inputs
+from . import long_video_flow
 from .engine import Job, get_engine, stream_job
 from .errors import UserError
+from .long_video_flow import VideoStatus
 from .voice_clone import MY_VOICE, clone_voice
 
 log = logging.getLogger("serving.flows")
@@ -65,14 +67,21 @@ class Progress:
     notice: str = ""  # something worth a short message beside the reply (e.g. it stopped at max new tokens)
 
 
-def reply_stream(job: Job, turn: Turn) -> Iterator[Progress]:
-    """Stream a job into `turn.reply`; keep the spoken reply's chunks and save them as one replayable wav."""
+def reply_stream(job: Job, turn: Turn, events: Iterator | None = None) -> Iterator[Progress]:
+    """Stream a job into `turn.reply`; keep the spoken reply's chunks and save them as one replayable wav.
+    `events`: what to stream instead of running `job` (a long video's statuses and chunks; `job` then only says
+    the sampling settings)."""
     started = time.perf_counter()
     speech = get_engine().speech
     rate = speech.sample_rate if speech is not None else 0
     pieces: list[np.ndarray] = []
     yield Progress(turn)  # the question shows at once, while the prompt is prefilled
-    for chunk in stream_job(job):
+    for chunk in stream_job(job) if events is None else events:
+        if isinstance(chunk, VideoStatus):  # a long video on its way into memory: the pending reply says so
+            turn.status = chunk.line
+            yield Progress(turn, notice=chunk.notice)
+            continue
+        turn.status = ""
         turn.reply += chunk.text
         turn.seconds = time.perf_counter() - started
         if chunk.audio is not None and len(chunk.audio):
@@ -80,11 +89,16 @@ def reply_stream(job: Job, turn: Turn) -> Iterator[Progress]:
             yield Progress(turn, audio=(rate, chunk.audio))
         elif chunk.text:
             yield Progress(turn)
+        elif chunk.queue_position is not None:  # the server is full: say where this request stands
+            ahead = chunk.queue_position
+            yield Progress(turn, notice=f"The server is busy: {ahead} request{'s' if ahead != 1 else ''} ahead of "
+                                        "you. Your reply starts as soon as there is room.")
         elif chunk.finish_reason == "length":
             yield Progress(turn, notice=f"The reply stopped at max new tokens ({job.sampling.max_new_tokens}); "
                                         "raise it in the settings for longer answers.")
         elif chunk.finish_reason == "stopped":
             turn.interrupted = True
+    turn.status = ""
     if pieces:
         turn.reply_audio = save_wav(rate, np.concatenate(pieces))
     yield Progress(turn, done=True)
@@ -140,21 +154,38 @@ def chat(turns: list[Turn], text: str, files: list[str], system_prompt: str, sam
     voice = check_voice(speak, voice, cloned, voice_sample)
     turn = new_turn(text, files)
     turns = [*turns, turn]
+    if long_video_flow.long_video_in_view(turns):  # sampled, thinned and compressed once, kept for follow-ups
+        events = long_video_flow.answer(session, turns, system_prompt, sampling, voice)
+        for progress in reply_stream(Job(session, [], sampling, voice), turn, events):
+            yield turns, progress
+        return
     inputs = conversation_inputs(turns, system_prompt, sampling)
     for progress in reply_stream(Job(session, [inputs], sampling, voice), turn):
         yield turns, progress
 
 
 @user_errors
-def vision_qa(image: str | None, video: str | None, question: str, sampling: SamplingConfig,
-              session: str) -> Iterator[str]:
-    """Image & video QA: one image or one video and a question; yields the answer as it grows."""
+def vision_qa(image: str | None, video: str | None, question: str, sampling: SamplingConfig, session: str,
+              on_status: Callable[[VideoStatus], None] | None = None) -> Iterator[str]:
+    """Image & video QA: one image or one video and a question; yields the answer as it grows. A long video is
+    sampled, thinned and compressed into memory first (`on_status` hears how far that is), once per session:
+    another question about it is answered from memory."""
     if image and video:
         raise UserError("Ask about either the image or the video: clear one of them.", title="Two inputs")
     if not image and not video:
         raise UserError("Add an image or a video first.", title="Nothing to look at")
     question = (question or "").strip() or "Describe this in detail."
     turn = new_turn(question, [image or video])
+    if video and long_video_flow.is_long(video):
+        # Nothing is shown until the answer starts: meanwhile the answer box carries the progress bar.
+        for event in long_video_flow.answer(session, [turn], "", sampling):
+            if isinstance(event, VideoStatus):
+                if on_status is not None:
+                    on_status(event)
+            elif event.text:
+                turn.reply += event.text
+                yield turn.reply
+        return
     inputs = conversation_inputs([turn], "", sampling)
     for _ in reply_stream(Job(session, [inputs], sampling), turn):
         yield turn.reply

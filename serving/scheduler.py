@@ -40,7 +40,7 @@ log = logging.getLogger("serving.scheduler")
 MAX_ACTIVE = 32  # rows decoded together at most: aggregate throughput still grows past it, per visitor speed falls
 PREFILL_CHUNK = 512  # prompt tokens per loop turn: ~10-20 ms on an H200, what a running stream waits at most
 MIN_CONTEXT = 8192  # shrink the number of rows before each row's context falls below this
-CPU_BUDGET_BYTES = 128 * 2**20  # KV memory on the CPU (the tiny model): a fixed small budget
+CPU_BUDGET_BYTES = 192 * 2**20  # KV memory on the CPU (the tiny model): a fixed small budget
 GPU_BUDGET_FRACTION = 0.4  # of the GPU memory free once the model is loaded; the rest: activations, vision, speech
 
 

@@ -293,3 +293,78 @@ def test_memory_returns_to_its_level_after_a_burst(tiny):
             assert torch.cuda.memory_allocated() == cuda_before
     finally:
         scheduler.close()
+
+
+# ------------------------------------------------------------------------------------------ the engine and the app
+FOX = os.path.join(REPO, "examples", "audio", "fox_sentence.wav")
+TRIANGLE = os.path.join(REPO, "examples", "images", "triangle.png")
+
+
+def test_every_tab_answers_the_same_through_the_scheduler_and_alone(monkeypatch):
+    """The two serving paths of the engine: the scheduler (a dedicated machine) and one request per GPU task
+    (ZeroGPU, MING_SCHEDULER=0) give the same greedy text on every tab, and both speak."""
+    from tests.test_app import serve
+
+    from serving import flows
+    from serving.checks import sampling_config
+
+    serve()
+    sampling = sampling_config(temperature=0.0, top_p=1.0, max_new_tokens=16)
+
+    def every_tab() -> tuple:
+        turns, _ = list(flows.chat([], "What is in this picture?", [IMAGE], "", sampling, True, "luna", "both"))[-1]
+        assert turns[-1].reply_audio, "the reply was spoken"
+        answer = list(flows.vision_qa(IMAGE, None, "Describe it.", sampling, "both"))[-1]
+        transcript = list(flows.asr(FOX, "both"))[-1]
+        thought, _ = list(flows.thinking([], "Find x.", TRIANGLE, sampling, "both"))[-1]
+        return turns[-1].reply, answer, transcript, thought[-1].reply
+
+    monkeypatch.setenv("MING_SCHEDULER", "1")
+    scheduled = every_tab()
+    monkeypatch.setenv("MING_SCHEDULER", "0")
+    assert every_tab() == scheduled and all(scheduled)
+
+
+def test_eight_visitors_stream_at_the_same_time_and_get_their_own_answers():
+    """Eight gradio_client sessions at once on the tiny model: their partial updates interleave (all eight are
+    streaming at one moment), each gets the complete answer its question gets alone, and no conversation leaks
+    into another."""
+    from gradio_client import Client
+
+    from serving.engine import use_scheduler
+    from tests.test_app import chat_args, message_texts, serve
+
+    if not use_scheduler():
+        pytest.skip("one request at a time on ZeroGPU")
+    space = serve()
+    url = space.demo.local_url
+    assert space.ENGINE.concurrency_limit >= 8
+    clients = [Client(url, verbose=False) for _ in range(8)]
+    args = [chat_args(f"Question number {i}", max_new_tokens=48, temperature=0.0) for i in range(8)]
+    updates: list[tuple[float, int]] = []  # (when, which visitor) for each partial reply
+    finals: list = [None] * 8
+    start = threading.Barrier(8)
+
+    def visitor(i: int) -> None:
+        start.wait()
+        job = clients[i].submit(**args[i])
+        for chatbot, *_ in job:
+            if chatbot and chatbot[-1]["role"] == "assistant" and message_texts(chatbot[-1])[0]:
+                updates.append((time.perf_counter(), i))
+        finals[i] = job.result(timeout=300)[0]
+
+    threads = [threading.Thread(target=visitor, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    first = {i: min(t for t, j in updates if j == i) for i in range(8)}
+    last = {i: max(t for t, j in updates if j == i) for i in range(8)}
+    assert max(first.values()) < min(last.values()), "all eight were streaming at one moment"
+    order = [i for _, i in sorted(updates)]
+    assert sum(a != b for a, b in zip(order, order[1:])) >= 16, "partial updates interleave"
+    for i, chatbot in enumerate(finals):
+        assert [m["role"] for m in chatbot] == ["user", "assistant"], "nobody sees another session's turns"
+        assert message_texts(chatbot[0]) == [f"Question number {i}"]
+    alone = [Client(url, verbose=False).predict(**args[i])[0] for i in (0, 5)]
+    assert [message_texts(c[-1]) for c in alone] == [message_texts(finals[i][-1]) for i in (0, 5)]
