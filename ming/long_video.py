@@ -140,12 +140,16 @@ def encode_video(
     prompt: VideoPrompt,
     settings: LongVideoSettings | None = None,
     progress: ProgressFn | None = None,
+    gpu_lock: contextlib.AbstractContextManager | None = None,
 ) -> EncodedVideo:
     """A video and the text around it (`prompt.head_ids`, `prompt.tail_ids`) -> a reusable cache prefix.
 
     `model` is a `MingOmni`. `progress(fraction, stage)` is called as the work advances, stage one of "sampling",
-    "encoding", "prefill". With `visual_budget=None` and `drop_threshold=0` the prefix holds exactly what one-shot
-    prefill of the processor's prompt would (the same tokens at the same positions)."""
+    "encoding", "prefill"; an exception it raises ends the encoding there (how a Stop button works). `gpu_lock`, when
+    given, is held around each piece of model work (a chunk's ViT call, each prefill piece) and released between
+    them, so other threads sharing the GPU (a decode loop, CUDA-graph captures) interleave with a long encoding.
+    With `visual_budget=None` and `drop_threshold=0` the prefix holds exactly what one-shot prefill of the
+    processor's prompt would (the same tokens at the same positions)."""
     settings = settings or LongVideoSettings()
     stats = LongVideoStats()
     started = time.perf_counter()
@@ -162,7 +166,7 @@ def encode_video(
         frame_source = read_frames_at(prompt.video, plan.timestamps, (height, width), stats=decode_stats)
         num_frames = len(plan.timestamps)
     video = encode_frames(model, processor, prompt.head_ids, prompt.tail_ids, frame_source, num_frames,
-                          (height, width), settings, progress, stats)
+                          (height, width), settings, progress, stats, gpu_lock)
     stats.decoded_frames, stats.seeks = decode_stats.decoded, decode_stats.seeks
     stats.seconds["total"] = time.perf_counter() - started
     return video
@@ -179,11 +183,13 @@ def encode_frames(
     settings: LongVideoSettings | None = None,
     progress: ProgressFn | None = None,
     stats: LongVideoStats | None = None,
+    gpu_lock: contextlib.AbstractContextManager | None = None,
 ) -> EncodedVideo:
     """`encode_video` from frames already sampled: uint8 [H, W, 3] each, `size` = (H, W) (multiples of 28),
     `num_frames` of them (even), iterated once (a generator is fine: it runs on a background thread)."""
     settings = settings or LongVideoSettings()
     stats = stats or LongVideoStats()
+    guard = gpu_lock if gpu_lock is not None else contextlib.nullcontext()
     llm, device = model.model, model.device
     timer = _timer(stats.seconds, device)
     height, width = size
@@ -199,10 +205,12 @@ def encode_frames(
     if capacity > MAX_POSITIONS:
         raise ValueError(f"{capacity} cache slots would pass the model's {MAX_POSITIONS} positions; "
                          "set a visual budget")
-    state = BudgetedPrefill(llm, capacity, settings.visual_budget)
+    with guard:
+        state = BudgetedPrefill(llm, capacity, settings.visual_budget)
     embed = llm.model.word_embeddings
     with torch.no_grad():
-        state.append(embed(head), torch.full_like(head, TEXT))
+        with guard:
+            state.append(embed(head), torch.full_like(head, TEXT))
         dropper = TokenDropper(settings.drop_threshold)
         chunk_frames = settings.chunk_pairs * VIDEO_FRAME_FACTOR
         piece = max(1, settings.visual_budget // 4) if settings.visual_budget else stats.visual_tokens or 1
@@ -217,7 +225,7 @@ def encode_frames(
             if progress is not None:
                 step("sampling", 1 / 3)
             keep = keep.reshape(count, cells)
-            with timer("vit"):
+            with guard, timer("vit"):
                 embeds, pair_ids, cell_ids = _encode_kept(model, processor, chunk, keep, done_pairs)
             if progress is not None:
                 step("encoding", 2 / 3)
@@ -227,13 +235,14 @@ def encode_frames(
                 # older video at once; pieces of a quarter of the budget keep eviction gradual.
                 for start in range(0, embeds.shape[0], piece):
                     end = start + piece
-                    state.append(embeds[None, start:end], torch.full((1, embeds[start:end].shape[0]), IMAGE,
-                                                                     device=device),
-                                 (pair_ids[start:end], cell_ids[start:end]))
+                    with guard:
+                        state.append(embeds[None, start:end],
+                                     torch.full((1, embeds[start:end].shape[0]), IMAGE, device=device),
+                                     (pair_ids[start:end], cell_ids[start:end]))
             done_pairs += count
             if progress is not None:
                 step("prefill", 0.0)
-        with timer("prefill"):
+        with guard, timer("prefill"):
             state.append(embed(tail), torch.full_like(tail, TEXT))
     stats.seconds["evict"] = state.evict_seconds
     prefix = state.prefix()

@@ -10,7 +10,16 @@ import numpy as np
 from PIL import Image
 
 from ming.audio import SAMPLE_RATE
-from ming.media import DEMO_MAX_FRAMES, MediaError, audio_duration, load_audio, video_duration
+from ming.long_video import LongVideoSettings
+from ming.media import (
+    DEMO_MAX_FRAMES,
+    LONG_VIDEO_MAX_FRAMES,
+    LONG_VIDEO_RATES,
+    MediaError,
+    audio_duration,
+    load_audio,
+    video_duration,
+)
 from ming.sampling import SamplingConfig
 
 from .errors import UserError
@@ -18,7 +27,7 @@ from .errors import UserError
 MAX_IMAGE_SIDE = 8192  # pixels; the model sees at most ~1024 tokens per image anyway
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_IMAGES_PER_REQUEST = 4
-MAX_VIDEO_SECONDS = 10 * 60
+MAX_VIDEO_SECONDS = 2 * 3600  # longer than a short clip: sampled, thinned and compressed (serving/long_video_flow.py)
 MAX_AUDIO_SECONDS = 60  # a spoken message in Chat or Speech-to-speech
 MAX_ASR_SECONDS = 10 * 60  # ASR cuts longer recordings into segments of at most ASR_SEGMENT_SECONDS
 ASR_SEGMENT_SECONDS = 30.0
@@ -32,10 +41,28 @@ VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".m4v", ".mpg", ".mpeg"}
 AUDIO_EXTENSIONS = {".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma"}
 AMBIGUOUS_EXTENSIONS = {".webm"}  # webcam clips and microphone recordings both arrive as .webm
 
+_LONG = LongVideoSettings()
+(_TEN_MINUTES, _FAST), (_HOUR, _MEDIUM), (_, _SLOW) = LONG_VIDEO_RATES
+
+
+def format_limit(seconds: float) -> str:
+    """3600 -> "1 hour", 7200 -> "2 hours", 600 -> "10 minutes"."""
+    if seconds % 3600 == 0:
+        hours = int(seconds // 3600)
+        return f"{hours} hour{'s' if hours > 1 else ''}"
+    return f"{int(seconds // 60)} minutes"
+
+
 LIMITS_MARKDOWN = (
     f"Images up to {MAX_IMAGE_SIDE}px a side ({MAX_IMAGE_PIXELS // 1_000_000} MP), at most {MAX_IMAGES_PER_REQUEST} "
-    f"per message. Videos up to {MAX_VIDEO_SECONDS // 60} minutes: {DEMO_MAX_FRAMES} frames at most are sampled "
-    f"evenly (2 per second for clips up to 32 s) and scaled so a video takes at most ~9,200 visual tokens. "
+    f"per message. Videos up to {format_limit(MAX_VIDEO_SECONDS)}. Clips up to {_LONG.short_clip_seconds:.0f} s are "
+    f"sampled as the release does ({DEMO_MAX_FRAMES} frames at most, 2 a second, at most ~9,200 visual tokens). "
+    f"Longer videos are sampled at {_FAST:g} frames a second up to {format_limit(_TEN_MINUTES)}, {_MEDIUM:g} up to "
+    f"{format_limit(_HOUR)} and {_SLOW:g} after that ({LONG_VIDEO_MAX_FRAMES:,} frames at most) at a small frame "
+    "size; the parts of a frame that barely change from one sample to the next are dropped, and the rest is "
+    f"compressed into the model's memory, which keeps {_LONG.visual_budget:,} visual tokens whatever the length "
+    "(the least novel ones give way). The first question about a long video waits for this (a progress bar shows "
+    "it); later questions about the same video in this session reuse it and start answering at once. "
     f"Spoken messages up to "
     f"{MAX_AUDIO_SECONDS} s; ASR takes up to {MAX_ASR_SECONDS // 60} minutes, transcribed in "
     f"{ASR_SEGMENT_SECONDS:.0f}-second segments. The Preview model takes one audio clip per request and cannot mix "
@@ -103,7 +130,7 @@ def check_video(path: str) -> float:
     if seconds > MAX_VIDEO_SECONDS:
         raise UserError(
             f"'{os.path.basename(path)}' is {format_duration(seconds)} long; videos can be at most "
-            f"{MAX_VIDEO_SECONDS // 60} minutes. Please trim it.",
+            f"{format_limit(MAX_VIDEO_SECONDS)}. Please trim it, or send the part you want to ask about.",
             title="Video too long",
         )
     return seconds

@@ -37,6 +37,7 @@ class Turn:
     seconds: float = 0.0  # how long the reply took (shown on thinking blocks)
     audio: np.ndarray | None = field(default=None, repr=False)  # its audio clip, decoded once (16 kHz float32)
     interrupted: bool = False  # the reply was cut short (Stop, or the visitor spoke over it)
+    status: str = ""  # while the reply waits on a long video: how far its preparation is (shown, never sent)
 
 
 def new_turn(text: str | None, files: list[str] | None, max_audio_seconds: float = MAX_AUDIO_SECONDS) -> Turn:

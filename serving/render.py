@@ -50,7 +50,7 @@ def chat_messages(turns: list[Turn], pending: bool = False) -> list[dict]:
     for t, turn in enumerate(turns):
         messages.append(user_message(turn))
         streaming = pending and t == len(turns) - 1
-        reply = turn.reply or ("…" if streaming else "")
+        reply = turn.reply or ((f"*{turn.status}*" if turn.status else "…") if streaming else "")
         content: list = [reply] if reply else []
         if turn.reply_audio:
             content.append({"path": turn.reply_audio, "mime_type": "audio/wav"})
