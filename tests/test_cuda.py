@@ -226,32 +226,86 @@ def test_talker_graph_is_reused_across_replies_and_matches_eager(tiny_dir, monke
 
 
 def test_engine_serves_every_kind_of_reply_on_the_gpu(monkeypatch):
-    """The Space's serving path (ming.engine, as app.py calls it) on the GPU in bf16, with the tiny checkpoint:
-    a chat turn with an image and a spoken reply, a second turn (graphs reused), image QA and thinking mode."""
+    """The Space's serving path (serving.engine and serving.flows, as app.py calls them) on the GPU in bf16, with
+    the tiny checkpoint, through the scheduler (a dedicated GPU) and one request per task (ZeroGPU): a chat turn
+    with an image and a spoken reply, a second turn (graphs reused), image QA and thinking mode; both paths give the
+    same greedy text."""
     pytest.importorskip("gradio")
     pytest.importorskip("spaces")
-    from ming import engine
+    from serving import engine, flows
+    from serving.checks import sampling_config
 
     monkeypatch.setenv("MING_MODEL", "tiny")
     monkeypatch.setenv("MING_DEVICE", "cuda")
-    monkeypatch.setattr(engine, "ENGINE", None)  # another test may have loaded the CPU engine in this process
-    eng = engine.load()
+    monkeypatch.setenv("MING_SCHEDULER", "1")
+    monkeypatch.setattr(engine, "_ENGINE", None)  # another test may have loaded the CPU engine in this process
+    eng = engine.load_engine()
     assert eng.device.type == "cuda" and eng.model.dtype == torch.bfloat16 and eng.speech is not None
     image = os.path.join(os.path.dirname(__file__), "..", "examples", "images", "street.png")
-    sampling = engine.Sampling(temperature=0.0, max_new_tokens=24)
+    sampling = sampling_config(temperature=0.0, top_p=1.0, max_new_tokens=24)
 
-    turns = []
-    for text in ("What is in this picture?", "And what colour is it?"):
-        updates = list(engine.chat(turns, text, [image] if not turns else [], "", sampling, True, eng.voices[0], "s"))
-        turns, progress = updates[-1]
-        assert progress.done and turns[-1].reply.strip() and turns[-1].reply_audio
-        assert sum(p.audio is not None for _, p in updates) >= 1
-        assert len(updates) >= 4  # streamed: the question, text deltas and audio chunks, then done
-    answers = list(engine.vision_qa(image, None, "Describe it.", sampling, "s"))
-    assert len(answers) >= 3 and answers[-1].strip()
-    thought = list(engine.thinking([], "What is 2 + 2?", None, sampling, "s"))
-    assert thought[-1][1].done and thought[-1][0][-1].reply.strip()
+    def every_kind() -> list[str]:
+        turns, texts = [], []
+        for text in ("What is in this picture?", "And what colour is it?"):
+            updates = list(flows.chat(turns, text, [image] if not turns else [], "", sampling, True, eng.voices[0],
+                                      "s"))
+            turns, progress = updates[-1]
+            assert progress.done and turns[-1].reply.strip() and turns[-1].reply_audio
+            assert sum(p.audio is not None for _, p in updates) >= 1
+            assert len(updates) >= 4  # streamed: the question, text deltas and audio chunks, then done
+            texts.append(turns[-1].reply)
+        answers = list(flows.vision_qa(image, None, "Describe it.", sampling, "s"))
+        assert len(answers) >= 3 and answers[-1].strip()
+        thought = list(flows.thinking([], "What is 2 + 2?", None, sampling, "s"))
+        assert thought[-1][1].done and thought[-1][0][-1].reply.strip()
+        return texts + [answers[-1], thought[-1][0][-1].reply]
+
+    scheduled = every_kind()
+    monkeypatch.setenv("MING_SCHEDULER", "0")
+    eng.peak_active_jobs = 0
+    assert every_kind() == scheduled
     assert eng.peak_active_jobs == 1
+
+
+def test_scheduler_on_the_gpu_matches_each_request_alone(tiny_dir):
+    """The scheduler with captured steps per batch bucket, in bf16: up to FEW_TOKENS rows (the fused kernels work
+    row by row) each request gets exactly its tokens alone; 12 rows at once (the cuBLAS + grouped-GEMM path)
+    all finish, each at its own length; every row is free afterwards and GPU memory is back where it was."""
+    import threading
+
+    from ming.sampling import SamplingConfig
+    from serving.scheduler import Scheduler
+
+    model = MingOmni.from_pretrained(tiny_dir, dtype=torch.bfloat16, device="cuda")
+    prompts = [torch.randint(0, 120000, (1, 5 + 7 * i), generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    configs = [SamplingConfig(max_new_tokens=10 + 3 * i) for i in range(12)]
+    want = [list(model.generate_stream(ids, **cfg.__dict__)) for ids, cfg in zip(prompts[:4], configs)]
+    scheduler = Scheduler(model, max_active=16, budget_bytes=64 * 2**20)
+    try:
+        streams = [scheduler.submit({"input_ids": ids}, cfg) for ids, cfg in zip(prompts[:4], configs)]
+        assert [list(s) for s in streams] == want
+        before = torch.cuda.memory_allocated()
+        results = [None] * 12
+
+        def visitor(i: int) -> None:
+            results[i] = list(scheduler.submit({"input_ids": prompts[i]}, configs[i]))
+
+        threads = [threading.Thread(target=visitor, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert scheduler.peak_active > 8
+        assert all(r is not None and 0 < len(r) <= c.max_new_tokens for r, c in zip(results, configs))
+        import time
+
+        deadline = time.time() + 5  # the loop thread may still be returning from its last turn
+        while torch.cuda.memory_allocated() != before and time.time() < deadline:
+            time.sleep(0.05)
+        assert not scheduler.active and not scheduler.cache.valid.any()
+        assert torch.cuda.memory_allocated() == before
+    finally:
+        scheduler.close()
 
 
 def test_talker_fused_decode_matches_the_plain_path_in_bf16(tmp_path):
