@@ -319,24 +319,27 @@ class Scheduler:
         for request in list(self.active):
             if request.stream.cancelled.is_set() or _stopped(request):
                 self._finish(request, "stopped")
-        prefilling = [r for r in self.active if not r.decoding]
-        if prefilling:
+        # Up to `prefill_chunk` prompt tokens per turn, oldest request first: several short prompts share a turn.
+        budget = self.prefill_chunk
+        for request in [r for r in self.active if not r.decoding]:
+            if budget <= 0:
+                break
             try:
-                self._prefill_chunk(prefilling[0])
+                budget -= self._prefill_chunk(request, budget)
             except Exception as error:  # bad media, out of memory: this request only
                 log.exception("prefill failed")
-                self._finish(prefilling[0], error=error)
+                self._finish(request, error=error)
         if any(r.decoding for r in self.active):
             self._decode()
 
     # ---------------------------------------------------------------------------------------------- prefill
-    def _prefill_chunk(self, request: Request) -> None:
-        """Embed the prompt on its first chunk, then prefill the next chunk into the request's row. The last chunk
-        gives the first new token."""
+    def _prefill_chunk(self, request: Request, limit: int) -> int:
+        """Embed the prompt on its first chunk, then prefill the next chunk (at most `limit` tokens) into the
+        request's row; returns its length. The last chunk gives the first new token."""
         if request.embeds is None:
             self._start_prefill(request)
         start = request.prefilled
-        end = min(request.length, start + self.prefill_chunk)
+        end = min(request.length, start + limit)
         row = self.cache.rows(slice(request.row, request.row + 1))
         slots = torch.arange(start, end, device=self.device)
         valid = request.valid[:, start:end]
@@ -351,7 +354,7 @@ class Scheduler:
             request.states.append(request.embeds[:, start:end] + hidden)
         request.prefilled = end
         if end < request.length:
-            return
+            return end - start
         logits = self.llm.logits(hidden[:, -1])
         states = torch.cat(request.states, dim=1) if request.keep_thinker_states else None
         request.embeds = request.router_ids = request.states = None  # free them now
@@ -360,6 +363,7 @@ class Scheduler:
         request.slot = request.length
         request.position = int(request.positions[0, -1]) + 1
         self._accept(request, self._choose([request], logits)[0])
+        return end - start
 
     def _start_prefill(self, request: Request) -> None:
         ids = request.input_ids.to(self.device)
@@ -398,20 +402,31 @@ class Scheduler:
             self._accept(request, token)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """Each request's next token from its row of logits [n, V], by its own settings. Plain greedy rows share
-        one argmax; rows that sample or ban repeats choose alone, with their own generator, exactly as
-        `Decoder.step` does for one prompt."""
-        chosen: list[int | None] = [None] * len(requests)
-        plain = [i for i, r in enumerate(requests) if not r.cfg.do_sample and r.guard is None]
-        if plain:
-            index = torch.tensor(plain, device=logits.device)
-            for i, token in zip(plain, logits.index_select(0, index).argmax(dim=-1).tolist()):
-                chosen[i] = token
+        """Each request's next token from its row of logits [n, V] (float32), by its own settings, exactly as
+        `Decoder.step` chooses for that prompt alone: its repetition guard's bans, then greedy, or sampling with its
+        own generator when it has a seed. Rows are batched where that changes nothing: one ban write, one argmax
+        for the greedy rows, one draw per group of unseeded rows with the same settings; one sync at the end."""
+        bans = [(i, token) for i, r in enumerate(requests) if r.guard is not None for token in r.guard.banned()]
+        if bans:
+            logits = logits.clone()
+            rows, tokens = zip(*bans)
+            logits[list(rows), list(tokens)] = float("-inf")
+        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        greedy = [i for i, r in enumerate(requests) if not r.cfg.do_sample]
+        if greedy:
+            chosen[greedy] = logits[greedy].argmax(dim=-1)
+        unseeded: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, request in enumerate(requests):
-            if chosen[i] is None:
-                guards = None if request.guard is None else [request.guard]
-                chosen[i] = int(select_next_token(logits[i:i + 1], request.cfg, guards, request.generator)[0])
-        return chosen
+            cfg = request.cfg
+            if not cfg.do_sample:
+                continue
+            if request.generator is None:
+                unseeded[(cfg.temperature, cfg.top_p, cfg.top_k)].append(i)
+            else:
+                chosen[i] = select_next_token(logits[i:i + 1], cfg, None, request.generator)[0]
+        for rows in unseeded.values():
+            chosen[rows] = select_next_token(logits[rows], requests[rows[0]].cfg, None, None)
+        return chosen.tolist()
 
     def _accept(self, request: Request, token: int) -> None:
         """A chosen token: end at <|endoftext|>, else stream it, and end at max_new_tokens."""
