@@ -143,10 +143,11 @@ def text_load(scheduler: Scheduler, n: int, prompt: int, new_tokens: int, arriva
     done = [v for v in visits if not v.error and v.tokens]
     rates = [v.decode_rate for v in done if v.tokens > 1]
     ttfts = [v.ttft for v in done]
+    span = max(v.last_token for v in done) - min(v.arrival for v in visits)
     return {
         "visitors": n, "errors": [v.error for v in visits if v.error],
         "tokens": sum(v.tokens for v in visits), "wall_s": wall,
-        "aggregate_tok_s": sum(v.tokens for v in visits) / (max(v.last_token for v in done) - min(v.arrival for v in visits)),
+        "aggregate_tok_s": sum(v.tokens for v in visits) / span,
         "per_visitor_tok_s_median": statistics.median(rates), "per_visitor_tok_s_p5": percentile(rates, 5),
         "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p95_ms": 1000 * percentile(ttfts, 95),
         "peak_memory_gib": peak_memory_gib(),
@@ -256,7 +257,8 @@ def main() -> None:
         print(spoken, flush=True)
     finally:
         scheduler.close()
-    report = {"card": card, "model": described, "date": datetime.date.today().isoformat(), "prompt": prompt, "new_tokens": new_tokens,
+    report = {"card": card, "model": described, "date": datetime.date.today().isoformat(), "prompt": prompt,
+              "new_tokens": new_tokens,
               "arrival_s": arrival_s, "rows": scheduler.rows, "capacity": scheduler.capacity,
               "kv_gib": scheduler.kv_bytes / 2**30, "budget_gib": scheduler.budget / 2**30,
               "weights_gib": weights_gib, "copy_bandwidth_tbps": bandwidth / 1e12 if bandwidth else None,
@@ -279,7 +281,9 @@ def write_report(report: dict, out: str) -> None:
              "peak memory GiB | roofline tok/s | of roofline |",
              "|---|---|---|---|---|---|---|---|"]
     for row in r["text"]:
-        roofline = f"{row['roofline_tok_s']:.0f} | {100 * row['of_roofline']:.0f}%" if "roofline_tok_s" in row else "- | -"
+        roofline = "- | -"
+        if "roofline_tok_s" in row:
+            roofline = f"{row['roofline_tok_s']:.0f} | {100 * row['of_roofline']:.0f}%"
         lines.append(f"| {row['visitors']} | {row['aggregate_tok_s']:.0f} | {row['per_visitor_tok_s_median']:.0f} / "
                      f"{row['per_visitor_tok_s_p5']:.0f} | {row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
                      f"{row['peak_batch']} | {row['peak_memory_gib']:.1f} | {roofline} |")

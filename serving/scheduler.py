@@ -24,14 +24,13 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from ming.generation import DecodeStep, key_valid_of
-from ming.layers import CAPTURE_LOCK, MIN_BUCKET, KVCache, cache_bucket, cache_mask, prompt_mask, use_triton
+from ming.layers import CAPTURE_LOCK, MIN_BUCKET, cache_bucket, cache_mask, prompt_mask, use_triton
 from ming.modeling import MingOmni, split_generation_kwargs
 from ming.sampling import NgramGuard, SamplingConfig, select_next_token
 
@@ -92,7 +91,6 @@ class RequestStream:
         self.stop_event = stop_event
         self.finish_reason: str | None = None  # "eos" | "length" | "stopped"
         self.queue_position: int | None = None  # requests ahead of this one while it waits; None once admitted
-        self.submitted = time.perf_counter()
         self._events: queue.Queue = queue.Queue()  # ("ahead", n) | ("prefilled", states) | ("token", id) | end
         self._held: collections.deque = collections.deque()  # events read ahead by waiting()/thinker_states
         self._states: torch.Tensor | None = None
