@@ -185,6 +185,8 @@ def vision_qa(image: str | None, video: str | None, question: str, sampling: Sam
             elif event.text:
                 turn.reply += event.text
                 yield turn.reply
+        if not turn.reply:  # stopped before the answer began: the answer is empty, not missing
+            yield ""
         return
     inputs = conversation_inputs([turn], "", sampling)
     for _ in reply_stream(Job(session, [inputs], sampling), turn):
