@@ -368,3 +368,22 @@ def test_rope_writes_each_row_at_its_own_cache_slots():
         kernels.rope_(x, cos, sin, H, KV, (c[0], c[1]), positions)
         outs.append((x, c))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_replies_spoken_at_once_on_the_gpu_sound_as_each_alone(tmp_path):
+    """SharedSpeech on the GPU, where the talker's cache and captured step (and the flow decoder's graphs) are
+    shared by every reply: three replies spoken at once, sentence by sentence, each exactly its audio alone."""
+    from ming.speech import SpeechGenerator
+    from serving.scheduler import SharedSpeech
+    from tests.test_scheduler import speak_together
+
+    folder = build_tiny_checkpoint(str(tmp_path / "tiny"))
+    speech = SpeechGenerator.from_pretrained(folder, device="cuda")
+    speech.max_new_tokens = 12
+    shared = SharedSpeech(speech)
+    replies = [(["Hello there. ", "How are you today? ", "Fine, thanks."],
+                torch.randn(1, 5 + i, 64, generator=torch.Generator().manual_seed(i)).cuda(), 10 * i) for i in range(3)]
+    alone, together = speak_together(speech, shared, replies)
+    assert len(speech.talker.captured_steps) >= 1, "the replies shared one captured talker step"
+    for a, b in zip(alone, together):
+        assert len(a) > 0 and (a == b).all()

@@ -368,3 +368,47 @@ def test_eight_visitors_stream_at_the_same_time_and_get_their_own_answers():
         assert message_texts(chatbot[0]) == [f"Question number {i}"]
     alone = [Client(url, verbose=False).predict(**args[i])[0] for i in (0, 5)]
     assert [message_texts(c[-1]) for c in alone] == [message_texts(finals[i][-1]) for i in (0, 5)]
+
+
+# ------------------------------------------------------------------------------------------------ shared speech
+def speak_together(speech, shared, replies: list[tuple[list[str], torch.Tensor, int]]) -> list:
+    """Each reply (text deltas, thinker_states, seed) spoken alone through `speech`, then all at once, each on its
+    own thread, through `shared`: (alone, together) lists of int16 audio arrays per reply."""
+    import numpy as np
+
+    def audio(generator, deltas, states, seed):
+        chunks = [e.audio for e in generator.stream(deltas, thinker_states=states, voice=speech.voices[0], seed=seed)
+                  if e.audio is not None]
+        return np.concatenate(chunks)
+
+    alone = [audio(speech, *reply) for reply in replies]
+    together: list = [None] * len(replies)
+    start = threading.Barrier(len(replies))
+
+    def reply(i: int) -> None:
+        start.wait()
+        together[i] = audio(shared, *replies[i])
+
+    threads = [threading.Thread(target=reply, args=(i,)) for i in range(len(replies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return alone, together
+
+
+def test_replies_spoken_at_once_sound_as_each_alone(tmp_path):
+    """Three spoken replies through one SharedSpeech at once, sentence by sentence: each reply's audio is exactly
+    its audio alone (a reply whose talker prefix another reply replaced in between runs it again)."""
+    from ming.speech import SpeechGenerator
+    from serving.scheduler import SharedSpeech
+
+    folder = build_tiny_checkpoint(str(tmp_path / "tiny"))
+    speech = SpeechGenerator.from_pretrained(folder)
+    speech.max_new_tokens = 12  # random tiny talker: keep clips short
+    shared = SharedSpeech(speech)
+    replies = [(["Hello there. ", "How are you today? ", "Fine, thanks."],
+                torch.randn(1, 5 + i, 64, generator=torch.Generator().manual_seed(i)), 10 * i) for i in range(3)]
+    alone, together = speak_together(speech, shared, replies)
+    for a, b in zip(alone, together):
+        assert len(a) > 0 and (a == b).all()
