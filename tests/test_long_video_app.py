@@ -294,6 +294,20 @@ def test_chat_video_message_takes_the_long_path_and_follow_ups_reuse_it(client, 
     assert len(cached(client)) == 1
 
 
+def test_chat_speaks_an_answer_about_a_long_video(client, videos):
+    import soundfile
+
+    from tests.test_app import message_files
+
+    job = client.submit(**chat_args("Tell me about it.", [videos["sprite_1"]], speak=True, voice="luna",
+                                    max_new_tokens=10))
+    updates = list(job)
+    chatbot = job.result(timeout=300)[0]
+    assert sum(isinstance(u[1], str) for u in updates) >= 1, "audio chunks stream while the answer is made"
+    clip = message_files(chatbot[-1])
+    assert message_texts(chatbot[-1])[0] and len(clip) == 1 and len(soundfile.read(clip[0])[0]) > 0
+
+
 def test_chat_refuses_a_spoken_question_about_a_long_video(client, videos):
     from tests.test_app import SPEECH
 
