@@ -327,7 +327,9 @@ class CapturedStep(Generic[T]):
                 step()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
+        # thread_local: another thread's work (a visitor's speech while the decode loop captures a new batch size,
+        # say) must not invalidate this capture; the capture itself only ever records this thread's launches.
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             self.output = step()
 
     def __call__(self) -> T:
