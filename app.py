@@ -1,4 +1,4 @@
-"""Ming-Lite-Omni-Preview demo: five tabs on one cached model, streaming text and speech.
+"""Ming-Lite-Omni-Preview demo: six tabs on one cached model, streaming text and speech.
 
     python app.py [--model PATH_OR_HUB_ID] [--host 0.0.0.0] [--port 7860] [--share]
 
@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 import gradio as gr
+from gradio.helpers import log_message
 
 from ming.processor import ASR_PROMPT
 from serving import checks, flows, long_video_flow, render, voice_call_flow, voice_clone
@@ -46,6 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per HTTP request Gradio makes to itself
+if __name__ == "__main__":
+    print("Loading the model… (the very first start also builds the tiny test model: about a minute)", flush=True)
 ENGINE = load_engine(ARGS.model)  # at import, once: ZeroGPU packs the weights before the first request
 
 # Every event that runs the model shares one queue: on a dedicated GPU as many requests at once as the scheduler
@@ -58,6 +62,16 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
 
 
 # ============================================================================================================ handlers
+def as_gradio_error(error: UserError) -> gr.Error:
+    """The toast for a UserError, headed by its own title ("Empty message", "Silent audio"), and no traceback.
+
+    Gradio 6.31's page heads every error toast "Error" (it reads a `_title` its client never sets), so the message is
+    shown as an error-level log, which keeps its title; the gr.Error that ends the event carries the same message to
+    API clients and is not shown a second time. The conversation and the inputs get no error overlay (CSS below)."""
+    log_message(error.message, title=error.title, level="error", duration=10)  # type: ignore[arg-type]
+    return gr.Error(error.message, title=error.title, print_exception=False, visible=False)
+
+
 def shows_errors(handler: Callable[..., Iterator]) -> Callable[..., Iterator]:
     """Turn the serving layer's UserError into Gradio's error toast (with its title, and no traceback)."""
 
@@ -66,9 +80,24 @@ def shows_errors(handler: Callable[..., Iterator]) -> Callable[..., Iterator]:
         try:
             yield from handler(*args, **kwargs)
         except UserError as error:
-            raise gr.Error(error.message, title=error.title, print_exception=False) from None
+            raise as_gradio_error(error) from None
 
     return wrapped
+
+
+class ImageInput(gr.Image):
+    """gr.Image whose upload reaches our own check undecoded when Gradio cannot open it (a text file renamed .png):
+    serving/checks.py then says what is wrong with the visitor's file, instead of Gradio's "Could not preprocess
+    input component" with a temp path and a traceback in the log."""
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception:
+            return payload.path if payload is not None and payload.path else None
+
+    def get_block_name(self) -> str:
+        return "image"  # the page's own Image component
 
 
 def show_notice(progress: flows.Progress) -> None:
@@ -119,7 +148,8 @@ def undo_chat(turns):
 
 
 @shows_errors
-def vision_qa(image, video, question, max_new_tokens, request: gr.Request, progress=gr.Progress()):
+def vision_qa(image=None, video=None, question="", max_new_tokens=512, request: gr.Request = None,
+              progress=gr.Progress()):
     """A long video shows a progress bar (sampling, encoding, compression) the first time it is asked about; later
     questions about it in this session are answered from memory."""
     def on_status(status):
@@ -162,7 +192,8 @@ def speech_to_speech(audio, turns, voice, max_new_tokens, voice_sample=None, clo
 
 
 @shows_errors
-def thinking(text, image, turns, max_new_tokens, request: gr.Request):
+def thinking(text, image=None, turns=None, max_new_tokens=1024, request: gr.Request = None):
+    turns = turns or []
     sampling = sampling_config(max_new_tokens=max_new_tokens)
     first = True
     for updated, progress in flows.thinking(turns, text, image, sampling, request.session_hash):
@@ -230,9 +261,18 @@ def streaming_reply_audio(elem_id: str, visible: bool = True) -> gr.Audio:
                     visible=visible, elem_id=elem_id)
 
 
-def run_examples(examples: gr.Examples, handler, inputs, outputs) -> gr.events.Dependency:
+def run_examples(examples: gr.Examples, handler, inputs, outputs, **progress) -> gr.events.Dependency:
     """Clicking an example fills the inputs, then runs the tab's handler in the shared GPU queue."""
-    return examples.load_input_event.then(handler, inputs, outputs, api_visibility="private", **GPU_EVENT)
+    return examples.load_input_event.then(handler, inputs, outputs, api_visibility="private", **progress,
+                                          **GPU_EVENT)
+
+
+def progress_on(target) -> dict:
+    """Progress settings for an event that streams into `target` and also clears its inputs: the queue position and
+    timer show on `target` alone (never on the message box or the media inputs), lightly ("minimal": no opaque cover,
+    clicks go through), and an error shows only as its toast (CSS hides the error badge), so nothing stays over the
+    conversation or the inputs and the next request needs no extra click."""
+    return dict(show_progress="minimal", show_progress_on=[target])
 
 
 def build_chat_tab(cloned: gr.State) -> gr.Dropdown:
@@ -245,7 +285,8 @@ def build_chat_tab(cloned: gr.State) -> gr.Dropdown:
             box = gr.MultimodalTextbox(placeholder="Type a message, attach images, a video or an audio clip, or "
                                                    "record with the microphone…",
                                        sources=["upload", "microphone"], file_types=["image", "video", "audio"],
-                                       file_count="multiple", show_label=False, elem_id="chat-input")
+                                       file_count="multiple", label="Message", show_label=False,
+                                       elem_id="chat-input")
             with gr.Row():
                 stop_button = gr.Button("Stop", variant="stop", size="sm")
                 clear_button = gr.Button("Clear", size="sm")
@@ -267,16 +308,20 @@ def build_chat_tab(cloned: gr.State) -> gr.Dropdown:
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
             max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=512, step=1, label="Max new tokens",
                                        elem_id="chat-max-tokens")
-            gr.Markdown(checks.LIMITS_MARKDOWN, elem_classes="limits")
+            gr.Markdown(checks.CHAT_LIMITS_MARKDOWN, elem_classes="limits")
+            with gr.Accordion("All limits", open=False):
+                gr.Markdown(checks.LIMITS_MARKDOWN, elem_classes="limits")
 
     photo.change(attach, [box, photo], [box, photo], api_visibility="private", queue=False)
     clip.change(attach, [box, clip], [box, clip], api_visibility="private", queue=False)
     inputs = [box, turns, system_prompt, temperature, top_p, max_new_tokens, speak, voice, voice_sample, cloned]
     outputs = [chatbot, reply_audio, box, turns]
-    submit = box.submit(chat, inputs, outputs, api_name="chat", **GPU_EVENT)
+    # Enter while a reply streams queues the message: it stays in the box and is sent when the reply ends.
+    submit = box.submit(chat, inputs, outputs, api_name="chat", trigger_mode="always_last", **progress_on(chatbot),
+                        **GPU_EVENT)
     settings = [system_prompt, temperature, top_p, max_new_tokens, speak, voice]
     retry = chatbot.retry(retry_chat, [turns, *settings, cloned], [chatbot, reply_audio, turns], api_visibility="private",
-                          **GPU_EVENT)
+                          **progress_on(chatbot), **GPU_EVENT)
     chatbot.undo(undo_chat, [turns], [chatbot, box, turns], api_visibility="private", queue=False)
     chatbot.clear(lambda: [], None, turns, api_visibility="private", queue=False)
     speak.change(lambda on: gr.update(visible=on), speak, reply_audio, api_visibility="private", queue=False)
@@ -293,17 +338,17 @@ def build_chat_tab(cloned: gr.State) -> gr.Dropdown:
         example_labels=["Image: describe a street scene", "Image: read a bar chart", "Video: what happens?",
                         "Audio: a spoken question", "Text: a short poem"],
     )
-    from_example = run_examples(examples, chat, inputs, outputs)
+    from_example = run_examples(examples, chat, inputs, outputs, **progress_on(chatbot))
     stop_button.click(stop, None, None, cancels=[submit, retry, from_example], api_visibility="private", queue=False)
+    clear_button.click(lambda: ([], [], None), None, [chatbot, turns, reply_audio],
+                       cancels=[submit, retry, from_example], api_visibility="private", queue=False)
     return voice
-    clear_button.click(lambda: ([], [], None), None, [chatbot, turns, reply_audio], cancels=[submit, retry],
-                       api_visibility="private", queue=False)
 
 
 def build_vision_tab():
     with gr.Row():
-        image = gr.Image(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None, label="Image",
-                         elem_id="vqa-image")
+        image = ImageInput(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None, label="Image",
+                           elem_id="vqa-image")
         video = gr.Video(sources=["upload", "webcam"], label="Video", elem_id="vqa-video")
     question = gr.Textbox("", label="Question", placeholder="Ask about the image or the video", elem_id="vqa-question")
     with gr.Row():
@@ -317,10 +362,13 @@ def build_vision_tab():
     # This session's long videos stay in memory for follow-up questions until the page closes (or the state expires).
     video_session = gr.State(None, delete_callback=lambda handle: handle.close() if handle is not None else None)
     gr.context.Context.root_block.unload(free_session_videos)
-    gr.Markdown(checks.LIMITS_MARKDOWN, elem_classes="limits")
+    gr.Markdown(checks.VISION_LIMITS_MARKDOWN, elem_classes="limits")
+    with gr.Accordion("All limits", open=False):
+        gr.Markdown(checks.LIMITS_MARKDOWN, elem_classes="limits")
     inputs = [image, video, question, max_new_tokens]
-    events = [ask.click(vision_qa, inputs, answer, api_name="vision_qa", **GPU_EVENT),
-              question.submit(vision_qa, inputs, answer, api_visibility="private", **GPU_EVENT)]
+    events = [ask.click(vision_qa, inputs, answer, api_name="vision_qa", show_progress_on=[answer], **GPU_EVENT),
+              question.submit(vision_qa, inputs, answer, api_visibility="private", show_progress_on=[answer],
+                              trigger_mode="always_last", **GPU_EVENT)]
     examples = gr.Examples(
         [[example("images", "shop_sign.png"), None, "What does the sign say? When is it open?"],
          [example("images", "street.png"), None, "What colour is the car, and where is it?"],
@@ -376,12 +424,14 @@ def build_speech_tab(cloned: gr.State) -> gr.Dropdown:
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="s2s-chatbot")
     inputs = [audio, turns, voice, max_new_tokens, voice_sample, cloned]
     outputs = [chatbot, reply_audio, audio, turns]
-    events = [send.click(speech_to_speech, inputs, outputs, api_name="speech_to_speech", **GPU_EVENT),
-              audio.stop_recording(speech_to_speech, inputs, outputs, api_visibility="private", **GPU_EVENT)]
+    events = [send.click(speech_to_speech, inputs, outputs, api_name="speech_to_speech", **progress_on(chatbot),
+                         **GPU_EVENT),
+              audio.stop_recording(speech_to_speech, inputs, outputs, api_visibility="private", **progress_on(chatbot),
+                                   **GPU_EVENT)]
     examples = gr.Examples([[example("audio", "capital_question.wav")], [example("audio", "robot_story_request.wav")]],
                            inputs=[audio], label="Examples (click to run)", api_visibility="private",
                            example_labels=["“What is the capital of France?”", "“Tell me a story about a robot”"])
-    events.append(run_examples(examples, speech_to_speech, inputs, outputs))
+    events.append(run_examples(examples, speech_to_speech, inputs, outputs, **progress_on(chatbot)))
     stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
     clear_button.click(lambda: ([], [], None), None, [chatbot, turns, reply_audio], cancels=events,
                        api_visibility="private", queue=False)
@@ -395,12 +445,13 @@ def build_thinking_tab():
                 "streams in a collapsible **Thinking** block; the answer, and any boxed result, follow below it.")
     chatbot = gr.Chatbot(label="Reasoning", height=440, latex_delimiters=LATEX, elem_id="think-chatbot")
     with gr.Row():
-        image = gr.Image(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None,
-                         label="Image (optional, for visual math)", height=220, elem_id="think-image")
+        image = ImageInput(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None,
+                           label="Image (optional, for visual math)", height=220, elem_id="think-image")
         with gr.Column():
-            question = gr.Textbox("", label="Question", lines=3, placeholder="e.g. A train leaves at 9:40 and arrives at "
-                                                                        "11:15. How long is the trip?",
-                                  elem_id="think-question")
+            # One line that grows: Enter asks, Shift+Enter starts a new line (as in Chat).
+            question = gr.Textbox("", label="Question", lines=1, max_lines=8,
+                                  placeholder="e.g. A train leaves at 9:40 and arrives at 11:15. How long is the trip?",
+                                  info="Enter asks; Shift+Enter starts a new line.", elem_id="think-question")
             with gr.Row():
                 think = gr.Button("Think", variant="primary")
                 stop_button = gr.Button("Stop", variant="stop")
@@ -409,8 +460,9 @@ def build_thinking_tab():
                                        elem_id="think-max-tokens")
     inputs = [question, image, turns, max_new_tokens]
     outputs = [chatbot, question, image, turns]
-    events = [think.click(thinking, inputs, outputs, api_name="thinking", **GPU_EVENT),
-              question.submit(thinking, inputs, outputs, api_visibility="private", **GPU_EVENT)]
+    events = [think.click(thinking, inputs, outputs, api_name="thinking", **progress_on(chatbot), **GPU_EVENT),
+              question.submit(thinking, inputs, outputs, api_visibility="private", trigger_mode="always_last",
+                              **progress_on(chatbot), **GPU_EVENT)]
     examples = gr.Examples(
         [["Find x. Give the answer in a box.", example("images", "triangle.png")],
          ["How many pieces of fruit were sold in total?", example("images", "fruit_chart.png")],
@@ -418,7 +470,7 @@ def build_thinking_tab():
         inputs=[question, image], label="Examples (click to run)", api_visibility="private",
         example_labels=["Visual math: a right triangle", "Add up a bar chart", "Word problem"],
     )
-    events.append(run_examples(examples, thinking, inputs, outputs))
+    events.append(run_examples(examples, thinking, inputs, outputs, **progress_on(chatbot)))
     stop_button.click(stop, None, None, cancels=events, api_visibility="private", queue=False)
     clear_button.click(lambda: ([], []), None, [chatbot, turns], cancels=events, api_visibility="private",
                        queue=False)
@@ -500,7 +552,7 @@ def voice_call_turns(audio, pause_s):
     try:
         return voice_call_flow.detected_turns(audio, pause_s)
     except UserError as error:
-        raise gr.Error(error.message, title=error.title, print_exception=False) from None
+        raise as_gradio_error(error) from None
 
 
 @shows_errors
@@ -569,17 +621,51 @@ def build_voice_call_tab(cloned: gr.State) -> None:
 CSS = """
 #banner { background: #fff4e5; border: 1px solid #f0a030; border-radius: 8px; padding: 4px 12px; }
 .limits { font-size: 0.85em; opacity: 0.8; }
+/* A failed request says so in its toast; Gradio would also leave a red "Error" badge over the component it was
+   writing to (the conversation, an answer) until its small x is clicked. */
+[data-testid="status-tracker"]:has(> .error) { display: none !important; }
+/* Phone width: every tab on the bar (no overflow menu), a one-line banner, and the message box above the fold. */
+@media (max-width: 640px) {
+  #intro p { font-size: 0.9em; margin: 0; }
+  #intro .intro-more { display: none; }
+  #banner { padding: 2px 8px; }
+  #banner p, #banner strong { font-size: 13px; line-height: 1.3; }
+  #banner .banner-more { display: none; }
+  #chat-chatbot, #s2s-chatbot, #call-chatbot { height: 300px !important; max-height: 300px !important; }
+  #think-chatbot { height: 260px !important; max-height: 260px !important; }
+}
 """
+
+
+def banner_markdown() -> str:
+    """The line at the top of the page when the answers cannot be trusted (the tiny model) or a part is off."""
+    lines = []
+    if ENGINE.is_tiny:
+        lines.append("**Test mode: a tiny model with random weights, so its answers and its voice are noise.** "
+                     "<span class='banner-more'>Every tab, upload and button works as with the real model.</span>")
+    if ENGINE.notice:
+        lines.append(f"<span class='banner-more'>{ENGINE.notice}</span>")
+    return "  \n".join(lines)
+
+
+def footer_markdown() -> str:
+    if ENGINE.is_tiny:
+        where = "the CPU" if ENGINE.device.type == "cpu" else "the GPU"
+        return f"Model: the tiny test model (random weights), on {where}."
+    return (f"Model: `{os.path.basename(ENGINE.checkpoint.rstrip('/'))}` on the "
+            f"{'GPU' if ENGINE.device.type == 'cuda' else ENGINE.device.type.upper()}. When many people ask at once, "
+            "requests wait their turn in a queue.")
 
 
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="Ming-Lite-Omni-Preview", delete_cache=(3600, 86400)) as demo:
-        gr.Markdown("# Ming-Lite-Omni-Preview\nOne open model that sees, listens and speaks: chat with images, "
-                    "video and audio; ask about a picture or a clip; transcribe speech; talk and hear the answer "
-                    "while it is being made; or watch it reason step by step.")
-        gr.Markdown(ENGINE.banner, visible=bool(ENGINE.banner), elem_id="banner")
+        gr.Markdown("# Ming-Lite-Omni-Preview\nOne open model that sees, listens and speaks<span class='intro-more'>: "
+                    "chat with images, video and audio; ask about a picture or a clip; transcribe speech; talk and "
+                    "hear the answer while it is being made, or hold a hands-free voice call; or watch it reason "
+                    "step by step</span>.", elem_id="intro")
+        gr.Markdown(banner_markdown(), visible=bool(banner_markdown()), elem_id="banner")
         cloned = gr.State(None)  # this session's cloned voice (an embedding), shared by Chat and Speech-to-speech
-        with gr.Tabs():
+        with gr.Tabs(overflow_behavior="wrap", elem_id="tabs"):  # on a phone, every tab one tap away (no "⋯" menu)
             with gr.Tab("Chat", id="chat"):
                 chat_voice = build_chat_tab(cloned)
             with gr.Tab("Image & video QA", id="vision"):
@@ -592,8 +678,7 @@ def build_demo() -> gr.Blocks:
                 build_voice_call_tab(cloned)
             with gr.Tab("Thinking", id="thinking"):
                 build_thinking_tab()
-        gr.Markdown(f"Model: `{os.path.basename(ENGINE.checkpoint.rstrip('/'))}` on {ENGINE.device.type.upper()}. "
-                    "One request runs on the GPU at a time; others wait in the queue.", elem_classes="limits")
+        gr.Markdown(footer_markdown(), elem_classes="limits", elem_id="footer")
         # A voice cloned in one tab shows up in the other's list too.
         cloned.change(lambda v: (gr.update(choices=voices_for(v)),) * 2, cloned, [chat_voice, speech_voice],
                       api_visibility="private", queue=False)
@@ -605,8 +690,15 @@ demo = build_demo()
 
 def launch(args: argparse.Namespace, block: bool = True) -> str:
     """Serve the demo; returns the local URL (tests call it with block=False)."""
+    # quiet: Gradio's own start-up lines would suggest `share=True` in launch(); ours name the --share option.
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                max_file_size="500mb", allowed_paths=[EXAMPLES], css=CSS, prevent_thread_lock=True, quiet=not block)
+                max_file_size="500mb", allowed_paths=[EXAMPLES], css=CSS, prevent_thread_lock=True, quiet=True)
+    if block:
+        print(f"\nThe demo is running: open {demo.local_url} in a browser (Ctrl+C stops it).", flush=True)
+        if demo.share_url:
+            print(f"Public link for testers: {demo.share_url}", flush=True)
+        elif not args.share:
+            print("For a public link to send to testers, start it with --share (scripts/demo.sh --share).", flush=True)
     if args.share and not demo.share_url:
         print("\nCould not create a public share link: the gradio.live service cannot be reached from this "
               f"machine. The demo still runs locally at {demo.local_url}\n", flush=True)

@@ -69,6 +69,16 @@ LIMITS_MARKDOWN = (
     "images and a video in one message; in a conversation the model sees the newest images or video and the newest "
     "audio clip (older ones drop out of its view, their text stays)."
 )
+# What a visitor needs on each tab, in a line or two (the whole paragraph above sits under "All limits").
+CHAT_LIMITS_MARKDOWN = (
+    f"Per message: up to {MAX_IMAGES_PER_REQUEST} images or one video (not both), and one audio clip of up to "
+    f"{MAX_AUDIO_SECONDS} s."
+)
+VISION_LIMITS_MARKDOWN = (
+    f"One image (up to {MAX_IMAGE_SIDE:,} pixels a side) or one video (up to {format_limit(MAX_VIDEO_SECONDS)}). "
+    f"A video longer than {_LONG.short_clip_seconds:.0f} s takes a while the first time (a progress bar shows it); "
+    "more questions about it then start at once."
+)
 
 
 
@@ -111,8 +121,8 @@ def check_image(path: str) -> None:
     except Image.DecompressionBombError:
         raise UserError(f"'{name}' is too large to open safely.", title="Image too large") from None
     except Exception:
-        raise UserError(f"Could not read image '{name}': the file is damaged or not an image.",
-                         title="Unreadable image") from None
+        raise UserError(f"Could not read image '{name}': the file is damaged or not an image. Send a picture such "
+                        "as a PNG, JPEG or WebP file.", title="Unreadable image") from None
     if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
         raise UserError(
             f"'{name}' is {width}x{height} pixels; the limit is {MAX_IMAGE_SIDE} pixels a side and "
@@ -126,7 +136,8 @@ def check_video(path: str) -> float:
     try:
         seconds = video_duration(path)
     except MediaError as error:
-        raise UserError(str(error), title="Unreadable video") from None
+        raise UserError(f"{str(error).rstrip('.')}. Try another file, or save it again as MP4.",
+                        title="Unreadable video") from None
     if seconds > MAX_VIDEO_SECONDS:
         raise UserError(
             f"'{os.path.basename(path)}' is {format_duration(seconds)} long; videos can be at most "
@@ -147,7 +158,8 @@ def check_audio(path: str, max_seconds: float) -> np.ndarray:
                              f"{format_duration(max_seconds)}.", title="Recording too long")
         waveform = load_audio(path)
     except MediaError as error:
-        raise UserError(str(error), title="Unreadable audio") from None
+        raise UserError(f"{str(error).rstrip('.')}. Record again, or pick another file (WAV, MP3, OGG…).",
+                        title="Unreadable audio") from None
     if loudest_window_dbfs(waveform) < SILENCE_DBFS:
         raise UserError(f"'{name}' is silent: there is no speech to hear. Check the microphone, or pick another "
                          "file.", title="Silent audio")

@@ -19,10 +19,24 @@ from ..audio import write_cmvn
 from ..configs import RELEASE_CONFIG, RELEASE_DATA_DIR, MingConfig
 from ..modeling import MingOmni
 from .speech import write_tiny_speech_assets
-from .tokenizer import write_tiny_tokenizer
+from .tokenizer import THINKING_END_ID, write_tiny_tokenizer
 from .weights import SEED, tiny_tensor
 
 TINY_MARKER = "tiny_random_weights"  # config.json key: the UI shows a banner when it is set
+
+# A random thinker never writes "</thinking>", so a thinking-mode reply would never leave its reasoning. As the tiny
+# talker's <audio_eos> row is lengthened so tiny sentences end (ming/testing/speech.py), the thinker's lm_head row
+# of the tokenizer's one-token "</thinking>" is lengthened. The tiny thinker's logits are only ~0.02 apart over a
+# 126k vocabulary, so the row must be ~200x to matter: sampled at the Thinking tab's settings (temperature 0.7,
+# top-p 0.9) the reasoning ends within 50 tokens about 95% of the time, and the token is ~3% of other replies'
+# noise (the tag is not shown). Greedy decoding picks it at most steps.
+#
+# Only the demo's checkpoint (with speech) gets this row. The thinker-only checkpoint (--no-speech), from which the
+# parity goldens in tests/fixtures/thinker were made, keeps the plain random row: with it the "</thinking>" logit
+# (up to ~8 where the others are ~0.02) would dominate every logits row, so the goldens' tolerance, relative to a
+# row's largest logit, would loosen ~100x for every other column, most greedy tokens would be "</thinking>", and
+# the reference script's own token-margin check fails (see tests/fixtures/thinker/README.md).
+THINKING_END_SCALE = 200.0
 
 
 def tiny_config() -> MingConfig:
@@ -50,14 +64,17 @@ def is_tiny_checkpoint(folder: str) -> bool:
         return False
 
 
-def build_tiny_checkpoint(out_dir: str, with_speech: bool = True) -> str:
-    """Write the tiny checkpoint into `out_dir` (created if needed) and return it."""
+def build_tiny_checkpoint(out_dir: str, with_speech: bool = True, reasoning_end: bool | None = None) -> str:
+    """Write the tiny checkpoint into `out_dir` (created if needed) and return it. `reasoning_end` (default: the
+    same as `with_speech`, i.e. the demo's checkpoint): lengthen the thinker's "</thinking>" row (see above)."""
 
     os.makedirs(out_dir, exist_ok=True)
     config = tiny_config()
     config.save(os.path.join(out_dir, "config.json"))
     shapes = {k: tuple(v.shape) for k, v in MingOmni.from_config(config, device="meta").state_dict().items()}
     weights = {k: tiny_tensor(k, s).contiguous() for k, s in shapes.items()}
+    if with_speech if reasoning_end is None else reasoning_end:
+        weights["model.lm_head.weight"][THINKING_END_ID] *= THINKING_END_SCALE
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
     # CMVN that brings log-mel fbank values (about 0..20 for int16-scaled speech) near zero mean, unit scale.

@@ -15,6 +15,7 @@ Layout of the ordinary ids 0..126079 (then 126368..126463 after the special bloc
               that the merges build them from)
   next        merges learned from a small built-in English + Chinese text
   the rest    pronounceable pseudo word pieces ("Ġbalo", "trend", "Shi", ...)
+  126463      "</thinking>" (THINKING_END), which no merge reaches
 """
 
 import json
@@ -39,6 +40,12 @@ SPLIT_PATTERN = (
 )
 
 NUM_LEARNED_MERGES = 2000
+
+# The thinking prompt asks for the reasoning inside <thinking>...</thinking>. In this vocabulary "</thinking>" is also
+# one ordinary token, the last ordinary id (126463), reachable by no merge (the pre-tokenizer splits "</", "thinking"
+# and ">" apart), so it never changes how text is encoded: only the tiny thinker emits it (see ming/testing/tiny.py).
+THINKING_END = "</thinking>"
+THINKING_END_ID = VOCAB_SIZE - 1
 
 # Text the merges are learned from. Original text written for this file.
 _CORPUS = """\
@@ -189,8 +196,9 @@ def build_tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
     num_ordinary = VOCAB_SIZE - len(load_special_tokens())
     words = _pseudo_words()
-    while len(builder.vocab) < num_ordinary:
+    while len(builder.vocab) < num_ordinary - 1:
         builder.add_token(to_byte_level(next(words)))
+    builder.add_token(THINKING_END)  # last: the id the tiny thinker is made to emit to end its reasoning
     return builder.vocab, builder.merges
 
 
