@@ -11,6 +11,7 @@ Also here: the static KV cache, RoPE, and `CapturedStep`, the one place a step i
 from __future__ import annotations
 
 import os
+import warnings
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -317,7 +318,14 @@ class CapturedStep(Generic[T]):
         if not graphs_allowed(device):
             return
         with CAPTURE_LOCK:
-            self._capture(step, device, warmups)
+            try:
+                self._capture(step, device, warmups)
+            except RuntimeError as error:  # e.g. cudaErrorStreamCaptureInvalidated by another thread's GPU work
+                # A failed capture leaves the device usable: run this step eagerly rather than fail the request.
+                warnings.warn(f"CUDA graph capture failed, running the step eagerly: {error}".splitlines()[0],
+                              RuntimeWarning, stacklevel=2)
+                self.graph, self.output = None, None
+                torch.cuda.synchronize(device)
 
     def _capture(self, step: Callable[[], T], device: torch.device | str, warmups: int) -> None:
         stream = torch.cuda.Stream(device)
