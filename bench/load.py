@@ -39,7 +39,7 @@ from bench.bench import ASSISTANT, HUMAN, copy_bandwidth, fill_random_
 from ming.configs import RELEASE_CONFIG
 from ming.modeling import MingOmni
 from ming.sampling import SamplingConfig
-from serving.scheduler import Scheduler, SharedSpeech
+from serving.scheduler import PREFILL_CHUNK, Scheduler, SharedSpeech
 
 VISITORS = (1, 4, 8, 16, 32)
 SPEAKERS = 8
@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
     parser.add_argument("--max-active", type=int, default=32)
+    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens per loop turn")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.tiny:
@@ -238,7 +239,8 @@ def main() -> None:
         bandwidth = copy_bandwidth()
     weights_gib = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     started = time.perf_counter()
-    scheduler = Scheduler(model, max_active=args.max_active)  # budget from the memory free now, as the engine does
+    # The KV budget from the memory free now, as the engine works it out at start-up.
+    scheduler = Scheduler(model, max_active=args.max_active, prefill_chunk=args.prefill_chunk)
     setup_s = time.perf_counter() - started
     print(f"scheduler: {scheduler.rows} rows x {scheduler.capacity} slots, KV {scheduler.kv_bytes / 2**30:.1f} GiB "
           f"of a {scheduler.budget / 2**30:.1f} GiB budget; steps made in {setup_s:.1f} s", flush=True)
@@ -258,7 +260,7 @@ def main() -> None:
     finally:
         scheduler.close()
     report = {"card": card, "model": described, "date": datetime.date.today().isoformat(), "prompt": prompt,
-              "new_tokens": new_tokens,
+              "new_tokens": new_tokens, "prefill_chunk": args.prefill_chunk,
               "arrival_s": arrival_s, "rows": scheduler.rows, "capacity": scheduler.capacity,
               "kv_gib": scheduler.kv_bytes / 2**30, "budget_gib": scheduler.budget / 2**30,
               "weights_gib": weights_gib, "copy_bandwidth_tbps": bandwidth / 1e12 if bandwidth else None,

@@ -37,7 +37,10 @@ from ming.sampling import NgramGuard, SamplingConfig, select_next_token
 log = logging.getLogger("serving.scheduler")
 
 MAX_ACTIVE = 32  # rows decoded together at most: aggregate throughput still grows past it, per visitor speed falls
-PREFILL_CHUNK = 512  # prompt tokens per loop turn: ~10-20 ms on an H200, what a running stream waits at most
+# Prompt tokens per loop turn: what a running stream waits at most for someone else's prompt (~40 ms for 1,024 on an
+# H100, bench/results). A 1,000-token chat prompt goes in one chunk, which attends to itself only (flash attention);
+# later chunks attend over the whole row (a masked pass over `capacity` keys).
+PREFILL_CHUNK = 1024
 MIN_CONTEXT = 8192  # shrink the number of rows before each row's context falls below this
 CPU_BUDGET_BYTES = 192 * 2**20  # KV memory on the CPU (the tiny model): a fixed small budget
 GPU_BUDGET_FRACTION = 0.4  # of the GPU memory free once the model is loaded; the rest: activations, vision, speech
