@@ -13,6 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home at s
 
 import argparse
 import functools
+import html
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -65,10 +66,12 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
 def as_gradio_error(error: UserError) -> gr.Error:
     """The toast for a UserError, headed by its own title ("Empty message", "Silent audio"), and no traceback.
 
-    Gradio 6.31's page heads every error toast "Error" (it reads a `_title` its client never sets), so the message is
-    shown as an error-level log, which keeps its title; the gr.Error that ends the event carries the same message to
-    API clients and is not shown a second time. The conversation and the inputs get no error overlay (CSS below)."""
-    log_message(error.message, title=error.title, level="error", duration=10)  # type: ignore[arg-type]
+    Gradio 6.31's page heads every toast with its kind ("Error"), whatever title the server sends, so the page gets
+    the message as an error-level log that starts with the title in bold; the gr.Error that ends the event carries
+    the plain message to API clients and is not shown a second time. The conversation and the inputs get no error
+    overlay (CSS below)."""
+    toast = f"<strong>{html.escape(error.title)}.</strong> {html.escape(error.message)}"
+    log_message(toast, title=error.title, level="error", duration=10)  # type: ignore[arg-type]
     return gr.Error(error.message, title=error.title, print_exception=False, visible=False)
 
 

@@ -1,6 +1,6 @@
 """The Space through its public API: app.py launched on localhost with the tiny checkpoint, driven by gradio_client.
 
-Each of the five endpoints must stream (several partial updates before the final one) and return the right kinds
+Each of the tabs' endpoints must stream (several partial updates before the final one) and return the right kinds
 of output; four clients at once get their own complete answers (decoded together by the scheduler; one at a time
 on ZeroGPU); every kind of bad input gets a readable message, and the next normal request still works.
 
@@ -91,10 +91,28 @@ def assert_still_works(client: Client) -> None:
     assert chatbot[-1]["role"] == "assistant" and message_texts(chatbot[-1])[0]
 
 
-# ------------------------------------------------------------------------------------------------ the five endpoints
-def test_the_five_endpoints_are_public(client):
+# ------------------------------------------------------------------------------------------------- the endpoints
+def test_the_tabs_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/chat", "/vision_qa", "/asr", "/speech_to_speech", "/thinking"} <= set(endpoints)
+    assert {"/chat", "/vision_qa", "/asr", "/speech_to_speech", "/voice_call", "/voice_call_turns",
+            "/thinking"} <= set(endpoints)
+
+
+def test_api_view_names_everything_and_marks_optional_inputs(client):
+    import re
+
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name, endpoint in endpoints.items():
+        for part in endpoint["parameters"] + endpoint["returns"]:
+            assert not re.fullmatch(r"(value|parameter|param)_\d+", part["label"]), (name, part["label"])
+        for part in endpoint["parameters"]:
+            assert not re.fullmatch(r"param_\d+", part["parameter_name"]), (name, part["parameter_name"])
+    optional = {(name, p["parameter_name"]) for name, e in endpoints.items() for p in e["parameters"]
+                if p["parameter_has_default"]}
+    assert {("/vision_qa", "image"), ("/vision_qa", "video"), ("/thinking", "image"), ("/chat", "voice_sample"),
+            ("/speech_to_speech", "voice_sample")} <= optional
+    printed = client.view_api(print_info=False, return_format="str")
+    assert not re.search(r"\bvalue_\d+", printed)
 
 
 def test_chat_streams_text_about_an_image(client):

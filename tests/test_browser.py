@@ -184,9 +184,10 @@ def assert_clip_has_length(page, chatbot: str) -> None:
     )
 
 
-def test_page_shows_the_tiny_model_banner_and_five_tabs(page):
-    expect(page.locator("#banner")).to_contain_text("tiny random weights: answers are noise")
-    for name in ("Chat", "Image & video QA", "ASR", "Speech-to-speech", "Thinking"):
+def test_page_shows_the_tiny_model_banner_and_six_tabs(page):
+    expect(page.locator("#banner")).to_contain_text("a tiny model with random weights, so its answers and its voice "
+                                                    "are noise")
+    for name in ("Chat", "Image & video QA", "ASR", "Speech-to-speech", "Voice call", "Thinking"):
         expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
     screenshot(page, "00-start")
 
