@@ -450,7 +450,7 @@ def build_thinking_tab():
     with gr.Row():
         image = ImageInput(sources=["upload", "webcam", "clipboard"], type="filepath", image_mode=None,
                            label="Image (optional, for visual math)", height=220, elem_id="think-image")
-        with gr.Column():
+        with gr.Column(elem_id="think-ask"):
             # One line that grows: Enter asks, Shift+Enter starts a new line (as in Chat).
             question = gr.Textbox("", label="Question", lines=1, max_lines=8,
                                   placeholder="e.g. A train leaves at 9:40 and arrives at 11:15. How long is the trip?",
@@ -635,7 +635,8 @@ CSS = """
   #banner p, #banner strong { font-size: 13px; line-height: 1.3; }
   #banner .banner-more { display: none; }
   #chat-chatbot, #s2s-chatbot, #call-chatbot { height: 300px !important; max-height: 300px !important; }
-  #think-chatbot { height: 260px !important; max-height: 260px !important; }
+  #think-chatbot { height: 220px !important; max-height: 220px !important; }
+  #think-ask { order: -1; }  /* the question before the optional image */
 }
 """
 
