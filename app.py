@@ -482,16 +482,141 @@ def build_thinking_tab():
 
 # ========================================================================================================= voice call
 # The microphone streams short chunks to `call_chunk` (Gradio 6.31's recorder uploads one every 0.1 s, whatever
-# stream_every says; its own unlimited concurrency, never the GPU queue), which only feeds the call. Its events set the hidden signal box; the box's change pauses the reply's playback in the page at
-# once on barge-in (js, no round trip) and starts `call_reply` in the GPU queue, the only event that writes the
-# transcript. See serving/voice_call_flow.py and serving/voice_call.py.
+# stream_every says; its own unlimited concurrency, never the GPU queue), which only feeds the call. Its events set
+# the hidden signal box; the box's change pauses the reply's playback in the page on barge-in (js) and starts
+# `call_reply` in the GPU queue, the only event that writes the transcript. That round trip takes about a second, so
+# the page also meters the microphone itself and pauses the reply at once when the visitor makes a sound
+# ("tentative barge-in", CALL_METER_JS): the server's signal keeps it stopped, or, if none comes, the reply resumes.
+# See serving/voice_call_flow.py (TENTATIVE_BARGE_IN: the settings and why) and serving/voice_call.py.
 CALL_RECORD_JS = "() => { const b = document.querySelector('#call-mic .record-button'); if (b) b.click(); }"
+# Defines window.mingCallMeter once: start() opens the microphone with echo cancellation (the reply coming out of
+# the speakers is not the visitor) and reads its level every tick_ms; a sound over the noise floor for hold_ms while
+# the reply plays pauses the reply ("pause" in its log). confirm() (the server's barge-in, a new turn or the end) or
+# the server hearing speech (#call-heard) keeps it paused; once the server has heard past the sound without calling
+# it speech, the reply resumes (after max_hold_ms at the latest). stop() closes it.
+CALL_METER_JS = """
+if (!window.mingCallMeter) window.mingCallMeter = (() => {
+  const cfg = __SETTINGS__;
+  const minDb = 20 * Math.log10(cfg.min_level);
+  let context = null, stream = null, timer = null, analyser = null, samples = null, running = false;
+  let floor = null, loudSince = null, lastLoud = -1e9, lastTick = 0, waitQuiet = false, held = null, startedAt = 0;
+  const log = [];
+  const note = (kind) => { log.push({t: performance.now(), kind}); if (log.length > 200) log.shift(); };
+  const playing = () => [...document.querySelectorAll('#call-reply audio')].find(a => !a.paused && !a.ended);
+  // While a pause is tentative, the player must not start again by itself (on the next streamed piece).
+  document.addEventListener('play', (e) => {
+    if (held && e.target === held.el && held.el.currentSrc === held.src) held.el.pause();
+  }, true);
+  function resume(why) {
+    const h = held;
+    held = null;
+    if (h.el.isConnected && h.el.currentSrc === h.src && h.el.paused && !h.el.ended) {
+      h.el.play().catch(() => {});
+      note('resume ' + why);
+    }
+  }
+  function tick() {
+    const now = performance.now();
+    analyser.getFloatTimeDomainData(samples);
+    let energy = 0;
+    for (let i = 0; i < samples.length; i++) energy += samples[i] * samples[i];
+    const db = 10 * Math.log10(energy / samples.length + 1e-12);
+    const dt = lastTick ? now - lastTick : cfg.tick_ms;
+    lastTick = now;
+    if (floor === null) floor = db;
+    const loud = db > Math.max(floor + cfg.margin_db, minDb);
+    floor = db < floor ? db : Math.min(db, floor + cfg.floor_rise_db_per_s * dt / 1000);
+    // Only a quiet reading ends a sound: on a busy page the readings come late, and the time between two loud
+    // ones counts as loud.
+    if (loud) {
+      if (loudSince === null) loudSince = now;
+      lastLoud = now;
+    } else if (now - lastLoud > cfg.gap_ms) {
+      loudSince = null;
+    }
+    if (waitQuiet && now - lastLoud >= cfg.quiet_ms) waitQuiet = false;
+    if (held) {
+      // The server's ear: seconds of microphone audio it has heard, and whether it hears the visitor talking.
+      const box = document.querySelector('#call-heard textarea');
+      const heard = (box && box.value || '').split(' ');
+      const heardS = parseFloat(heard[0]) || 0;
+      held.end = Math.max(held.end, lastLoud);
+      const over = now - lastLoud >= cfg.quiet_ms;
+      // Audio time (s since the meter started) up to which the server must have listened to have judged the sound:
+      // its end, and at least the minimum speech length after its start; for a sound still going on, lasting_s more.
+      const judged = (held.start - startedAt) / 1000 + cfg.min_speech_s + cfg.verdict_slack_s;
+      const verdictAt = over ? Math.max(judged, (held.end - startedAt) / 1000 + cfg.verdict_slack_s)
+        : judged + cfg.lasting_s;
+      if (!held.el.isConnected || held.el.currentSrc !== held.src) {
+        held = null;  // another reply took the player
+      } else if (heard[1] === 'speech') {
+        confirm('(the server hears speech)');
+      } else if (heardS >= verdictAt || now - held.at >= cfg.max_hold_ms) {
+        waitQuiet = !over;  // a sound that goes on pauses nothing more until it stops
+        resume(heardS >= verdictAt ? (over ? '(the server heard no speech)' : '(a lasting sound, not speech)')
+          : '(no verdict in time)');
+      }
+    } else if (loud && loudSince !== null && !waitQuiet && now - loudSince >= cfg.hold_ms) {
+      const el = playing();
+      if (el) {
+        held = {el, src: el.currentSrc, at: now, start: loudSince, end: now};
+        el.pause();
+        note('pause');
+      }
+    }
+  }
+  async function start() {
+    if (running) return;
+    running = true;
+    try {
+      const s = await navigator.mediaDevices.getUserMedia(
+        {audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}});
+      if (!running) { s.getTracks().forEach(t => t.stop()); return; }
+      stream = s;
+      context = new AudioContext();
+      if (context.state === 'suspended') context.resume().catch(() => {});
+      analyser = context.createAnalyser();
+      analyser.fftSize = 1024;
+      context.createMediaStreamSource(s).connect(analyser);
+      samples = new Float32Array(analyser.fftSize);
+      floor = loudSince = held = null;
+      lastLoud = -1e9; lastTick = 0; waitQuiet = false; startedAt = performance.now();
+      const box = document.querySelector('#call-heard textarea');
+      if (box) box.value = '';  // what an earlier call heard
+      timer = setInterval(tick, cfg.tick_ms);
+      note('start');
+    } catch (error) {
+      running = false;  // no meter: barge-in still works, at the server's pace
+      note('no microphone: ' + error);
+    }
+  }
+  function stop() {
+    running = false;
+    if (timer) clearInterval(timer);
+    if (stream) stream.getTracks().forEach(t => t.stop());
+    if (context) context.close().catch(() => {});
+    timer = stream = context = analyser = held = null;
+    note('stop');
+  }
+  function confirm(what) {
+    note((held ? 'confirmed ' : 'signal ') + what);
+    held = null;
+  }
+  return {start, stop, confirm, log, settings: cfg};
+})();
+""".replace("__SETTINGS__", voice_call_flow.tentative_barge_in_json())
+CALL_METER_START_JS = "() => {" + CALL_METER_JS + "window.mingCallMeter.start(); }"
+CALL_METER_STOP_JS = "() => { if (window.mingCallMeter) window.mingCallMeter.stop(); }"
 CALL_SIGNAL_JS = """(value) => {
     value = value || '';
+    const meter = window.mingCallMeter;
+    // The server's word: a barge-in, a new turn or the end keeps a tentatively paused reply stopped.
+    if (meter && /(stop|turn|end)=/.test(value)) meter.confirm(value);
     if (value.includes('stop=') || value.includes('end=')) {
         document.querySelectorAll('#call-reply audio').forEach(a => a.pause());
     }
     if (value.includes('end=')) {
+        if (meter) meter.stop();
         const b = document.querySelector('#call-mic .stop-button');
         if (b) b.click();
     }
@@ -513,12 +638,14 @@ def start_call(call, pause_s, voice, max_new_tokens, cloned, request: gr.Request
 
 
 def call_chunk(chunk, call):
-    """One microphone chunk: feed the call; tell the page what happened (never runs the model)."""
+    """One microphone chunk: feed the call; tell the page what happened (never runs the model), and how far the
+    call has heard (for the page's tentative barge-in)."""
     if call is None or call.ended:
-        return gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     events = call.feed(chunk)
     signal, status = call.signal(events), call.status_update()
-    return signal if signal is not None else gr.skip(), call, status if status is not None else gr.skip()
+    return signal if signal is not None else gr.skip(), call, status if status is not None else gr.skip(), \
+        call.heard()
 
 
 def end_call(call, reason: str = "hang_up"):
@@ -597,12 +724,15 @@ def build_voice_call_tab(cloned: gr.State) -> None:
         file_chatbot = gr.Chatbot(label="The call on the recording", height=300, elem_id="call-file-chatbot")
         turns_json = gr.JSON(label="Turns (seconds into the recording)", elem_id="call-file-turns")
     signal = gr.Textbox("", visible="hidden", elem_id="call-signal")
+    heard = gr.Textbox("", visible="hidden", elem_id="call-heard")  # read by the page's tentative barge-in
     timer = gr.Timer(2.0, active=False)
 
     start.click(None, js=CALL_RECORD_JS)
+    microphone.start_recording(None, js=CALL_METER_START_JS)  # the page's own level meter (tentative barge-in)
+    microphone.stop_recording(None, js=CALL_METER_STOP_JS)
     microphone.start_recording(start_call, [call, pause, voice, max_new_tokens, cloned], [call, status, signal, timer],
                                show_progress="hidden", api_visibility="private", queue=False)
-    microphone.stream(call_chunk, [microphone, call], [signal, call, status], stream_every=0.2,
+    microphone.stream(call_chunk, [microphone, call], [signal, call, status, heard], stream_every=0.2,
                       concurrency_id="call-microphone", concurrency_limit=None, show_progress="hidden",
                       api_visibility="private")
     signal.change(None, signal, None, js=CALL_SIGNAL_JS)

@@ -15,6 +15,7 @@ stays replayable after the call.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -45,6 +46,52 @@ MIC_QUIET_S = 10.0                 # the microphone sent nothing for this long (
 MIC_FIRST_CHUNK_S = 30.0           # ... or since Start (a permission prompt may be open meanwhile)
 MAX_CALL_FILE_SECONDS = 5 * 60     # a whole call from a file (the API)
 CHUNK_S = 0.2                      # what the page's microphone sends at a time, and what the API feeds
+
+# Tentative barge-in, in the page (app.py's CALL_METER_JS). The server's barge-in reaches the page 0.9-1.3 s after
+# the visitor starts talking (the microphone's upload 0.3-0.8 s, the VAD's minimum speech length 0.3 s, the signal
+# back 0.1-0.25 s), far over the 300 ms a conversation needs. So the page also listens to the microphone itself
+# (echo cancellation on, so the reply coming out of the speakers is not taken for the visitor) and pauses the reply
+# as soon as the level jumps over the recent noise floor while the reply plays. The server stays the judge of
+# turns: its "stop" (or a new turn, or the end of the call, or speech it hears) keeps the reply stopped; once it has
+# heard the whole sound without calling it speech (`VoiceCall.heard`), the sound was a cough or a bang and the reply
+# goes on from where it paused.
+TENTATIVE_BARGE_IN = dict(
+    # How often the page reads the level (ms): each reading covers the last ~21 ms (1024 samples at 48 kHz).
+    tick_ms=20,
+    # A sound is this much louder than the noise floor (dB). 12 dB (4x the amplitude) is well under speech at a
+    # microphone (20-40 dB over the room) and well over the floor's own flutter and what echo cancellation leaves
+    # of the reply.
+    margin_db=12.0,
+    # ... and at least this loud (RMS, full scale 1.0; 0.01 is -40 dBFS): a very quiet room's floor plus 12 dB
+    # would still be inaudible, e.g. breathing or a distant door.
+    min_level=0.01,
+    # The floor follows a quieter room at once and a louder one at this rate (dB per second): a fan or music that
+    # starts is floor within seconds, while the first 100 ms of a voice raise it by under 1 dB.
+    floor_rise_db_per_s=6.0,
+    # Loud this long (ms) before the reply pauses: a click, a tap or a keyboard is over before that; speech and
+    # coughs are not (coughs are what the server's verdict is for). Gaps up to gap_ms inside it count as loud.
+    hold_ms=100,
+    gap_ms=50,
+    # The sound is over once it has been quiet this long (ms).
+    quiet_ms=250,
+    # The server's verdict is in once it has heard the audio up to the end of the sound, and at least its minimum
+    # speech length after the sound's start (shorter sounds never become speech), plus this slack (s): the page's
+    # meter and the server's recorder start a little apart (~0.1 s), and a verdict that comes in the same update
+    # must have been applied first.
+    min_speech_s=TurnConfig.min_speech_s,
+    verdict_slack_s=0.3,
+    # A sound that goes on (music, a vacuum cleaner): once the server has heard this much more of it (s) without
+    # hearing speech, resume; the page then waits for quiet before pausing again.
+    lasting_s=1.0,
+    # No verdict this long after the pause (ms; the server far behind, or not answering): resume anyway. A loaded
+    # 2-core test machine was seen 5 s behind.
+    max_hold_ms=6000,
+)
+
+
+def tentative_barge_in_json() -> str:
+    """The page's tentative barge-in settings, as the JSON the page's script reads."""
+    return json.dumps(TENTATIVE_BARGE_IN)
 
 END_MESSAGES = {
     "hang_up": "Call ended. The conversation stays below: replay any turn or reply.",
@@ -156,6 +203,12 @@ class VoiceCall:
             return None
         self._seq += 1
         return " ".join([*words, f"call={self.id}", f"seq={self._seq}"])
+
+    def heard(self) -> str:
+        """For the page's tentative barge-in: the seconds of microphone audio the call has heard, and " speech" while
+        the visitor is heard talking (the page then keeps the reply paused; otherwise it resumes the reply once the
+        call has heard past the sound that paused it)."""
+        return f"{self.call.now_s:.2f}" + (" speech" if self.call.user_speaking else "")
 
     def status(self) -> str:
         """One line for the page: what the call is doing, and any notice."""
