@@ -268,6 +268,8 @@ def call_page(app):
         browsers = []
 
         def open_page(microphone_wav: str, max_new_tokens: int, pause_s: float = 0.6):
+            while browsers:  # a retried scenario's earlier browser would go on playing and streaming beside it
+                browsers.pop().close()
             browser = playwright.chromium.launch(
                 executable_path=CHROMIUM, headless=True,
                 args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
