@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import spaces  # before torch: on ZeroGPU it must patch CUDA before anything touches it
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -352,8 +353,18 @@ def stream_job(job: Job) -> Iterator[Chunk]:
     engine = get_engine()
     engine.stop_events[job.session] = threading.Event()
     try:
-        yield from run_job(job)
+        with gpu_failures_as_messages():
+            yield from run_job(job)
         engine.gpu_jobs_done += 1
+    finally:
+        engine.stop_events.pop(job.session, None)
+
+
+@contextlib.contextmanager
+def gpu_failures_as_messages() -> Iterator[None]:
+    """Out of GPU memory or of ZeroGPU quota inside a GPU job -> a message the visitor can act on."""
+    try:
+        yield
     except UserError:
         raise
     except torch.OutOfMemoryError:
@@ -366,8 +377,6 @@ def stream_job(job: Job) -> Iterator[Chunk]:
                             "later, sign in to Hugging Face for a larger quota, or run the demo on your own machine "
                             "(see the README).", title="No GPU available") from None
         raise
-    finally:
-        engine.stop_events.pop(job.session, None)
 
 
 def stop_session(session: str) -> None:

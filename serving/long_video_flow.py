@@ -43,7 +43,7 @@ from ming.sampling import SamplingConfig
 
 from .checks import MAX_GPU_SECONDS, format_duration
 from .conversation import Turn, kept_media, prompt_messages
-from .engine import COLD_START_SECONDS, Chunk, get_engine, out_of_memory_error, text_deltas
+from .engine import COLD_START_SECONDS, Chunk, get_engine, gpu_failures_as_messages, out_of_memory_error, text_deltas
 from .errors import UserError
 
 log = logging.getLogger("serving.long_video")
@@ -521,30 +521,19 @@ def answer(session: str, turns: list[Turn], system_prompt: str, sampling: Sampli
                    keep_on_gpu)
     engine.stop_events[session] = threading.Event()
     try:
-        if entry is None:
-            yield VideoStatus("preparing", 0.0, "Preparing the video", notice=describe_plan(seconds, frames))
-        for event in run_video_job(job):
-            if isinstance(event, Encoded):
-                CACHE.put(session, key, name, event.prefix, event.stats)
-                log.info("long video %s: %s", name, {k: v for k, v in dataclasses.asdict(event.stats).items()
-                                                     if k != "seconds"} | {"seconds": {k: round(v, 2) for k, v in
-                                                                                      event.stats.seconds.items()}})
-                yield VideoStatus("ready", 1.0, "The video is in memory; answering")
-            else:
-                yield event
+        with gpu_failures_as_messages():
+            if entry is None:
+                yield VideoStatus("preparing", 0.0, "Preparing the video", notice=describe_plan(seconds, frames))
+            for event in run_video_job(job):
+                if isinstance(event, Encoded):
+                    CACHE.put(session, key, name, event.prefix, event.stats)
+                    log.info("long video %s: %s", name, {k: v for k, v in dataclasses.asdict(event.stats).items()
+                                                         if k != "seconds"} | {"seconds": {k: round(v, 2) for k, v in
+                                                                                          event.stats.seconds.items()}})
+                    yield VideoStatus("ready", 1.0, "The video is in memory; answering")
+                else:
+                    yield event
         engine.gpu_jobs_done += 1
-    except UserError:
-        raise
-    except torch.OutOfMemoryError:
-        raise out_of_memory_error() from None
-    except Exception as error:
-        title = str(getattr(error, "title", ""))
-        if title.startswith("ZeroGPU"):  # `spaces` raises its own error when no GPU is granted
-            message = getattr(error, "message", str(error))
-            raise UserError(f"{message} The Space's free GPU time is shared by everyone using it: try again "
-                            "later, sign in to Hugging Face for a larger quota, or run the demo on your own machine "
-                            "(see the README).", title="No GPU available") from None
-        raise
     finally:
         engine.stop_events.pop(session, None)
 
