@@ -77,9 +77,10 @@ def tune_attention() -> None:
     k_cache, v_cache = torch.randn(2, 1, 4, 2048, 128, **bf16)
     valid = torch.zeros(1, 2048, dtype=torch.bool, device="cuda")
     valid[:, :1300] = True
+    newest = torch.tensor([1299], device="cuda")
     for chunk in (32, 64, 128, 256):
         tuning = dataclasses.replace(kernels.DEFAULT_TUNING, decode_attention_chunk=chunk)
-        us = bench_us(lambda: kernels.decode_attention(qkv, k_cache, v_cache, valid, 16, tuning))
+        us = bench_us(lambda: kernels.decode_attention(qkv, k_cache, v_cache, valid, newest, 16, tuning))
         print(f"decode attention, 1,300 of 2,048 keys, chunk {chunk}: {us:.1f} us")
 
 

@@ -174,6 +174,7 @@ class KernelTuning:
     gate_up_blocks: tuple[int, int, int] = (16, 128, 2)
     down_blocks: tuple[int, int, int] = (8, 128, 2)
     decode_attention_chunk: int = 64
+    sorted_moe_blocks: tuple[int, int, int, int, int] = (16, 64, 128, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -236,6 +237,201 @@ def moe_gemv(
         h, topk_idx, topk_weight, w_down, s_down, residual.reshape(T, H).contiguous() if residual is not None else x,
         partial, tickets, out, H=H, I=I, I_SHARED=i_shared, TOP_K=top_k, HAS_RESIDUAL=residual is not None,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------ MoE for a decode batch (tens of rows)
+# With tens of rows, most experts are chosen by a few rows each: per-row GEMVs would read an expert once per row, a
+# grouped GEMM of the prompt path is built for hundreds of rows. Here the (row, expert) pairs are sorted by expert
+# into blocks of BLOCK_M (the idea of vLLM's fused MoE kernel); each block multiplies its rows by its expert's
+# weights on tensor cores, so every chosen expert is read once per step. The shared expert joins as more blocks,
+# cut into pieces of the experts' width. Four launches, no host sync: the step stays in a CUDA graph.
+UNUSED_BLOCK = tl.constexpr(1 << 30)
+
+
+@triton.jit
+def _sort_pairs_by_expert_kernel(
+    idx_ptr, sorted_ptr, block_expert_ptr,
+    PAIRS: tl.constexpr, PAIRS_P2: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCKS_P2: tl.constexpr,
+):
+    pair = tl.arange(0, PAIRS_P2)
+    expert = tl.load(idx_ptr + pair, mask=pair < PAIRS, other=E_P2).to(tl.int32)  # padding matches no expert
+    one_hot = (expert[:, None] == tl.arange(0, E_P2)[None, :]).to(tl.int32)  # [pairs, experts]
+    blocks = (tl.sum(one_hot, axis=0) + BLOCK_M - 1) // BLOCK_M  # per expert
+    block_end = tl.cumsum(blocks, axis=0)
+    rank = tl.sum(tl.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1  # among the pairs of its expert, in pair order
+    dest = tl.sum(one_hot * (block_end - blocks)[None, :], axis=1) * BLOCK_M + rank
+    slot = tl.arange(0, BLOCKS_P2 * BLOCK_M)
+    tl.store(sorted_ptr + slot, PAIRS, mask=slot < BLOCKS * BLOCK_M)  # PAIRS marks a block's unused rows
+    tl.debug_barrier()
+    tl.store(sorted_ptr + dest, pair, mask=pair < PAIRS)
+    block = tl.arange(0, BLOCKS_P2)
+    owner = tl.sum((block_end[None, :] <= block[:, None]).to(tl.int32), axis=1)
+    tl.store(block_expert_ptr + block, tl.where(owner < E, owner, UNUSED_BLOCK), mask=block < BLOCKS)
+
+
+@triton.jit
+def _block_rows(sorted_ptr, block_expert_ptr, block, T: tl.constexpr, TOP_K: tl.constexpr, E: tl.constexpr,
+                BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A block's pairs (rows of the h / partial buffers), their tokens, which are real, and its expert (E + piece
+    for the shared expert's pieces; UNUSED_BLOCK for a block no expert needed)."""
+    m = tl.arange(0, BLOCK_M)
+    if block < BLOCKS:
+        pair = tl.load(sorted_ptr + block * BLOCK_M + m)
+        expert = tl.load(block_expert_ptr + block)
+        real = pair < T * TOP_K
+        token = pair // TOP_K
+    else:  # the shared expert: every token, a piece at a time
+        TOKEN_BLOCKS: tl.constexpr = (T + BLOCK_M - 1) // BLOCK_M
+        piece = (block - BLOCKS) // TOKEN_BLOCKS
+        token = ((block - BLOCKS) % TOKEN_BLOCKS) * BLOCK_M + m
+        real = token < T
+        pair = T * TOP_K + piece * T + token
+        expert = E + piece
+    return pair, token, real, expert
+
+
+@triton.jit
+def _sorted_gate_up_kernel(
+    x_ptr, sorted_ptr, block_expert_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
+    T: tl.constexpr, TOP_K: tl.constexpr, E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    PIECES: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair, token, real, expert = _block_rows(sorted_ptr, block_expert_ptr, tl.program_id(0), T, TOP_K, E, BLOCKS,
+                                            BLOCK_M)
+    if expert < E + PIECES:
+        if expert < E:
+            gate_ptr, up_ptr = w_gate_ptr + expert.to(tl.int64) * I * H, w_up_ptr + expert.to(tl.int64) * I * H
+        else:
+            gate_ptr, up_ptr = s_gate_ptr + (expert - E) * I * H, s_up_ptr + (expert - E) * I * H
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < I
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < H
+            x = tl.load(x_ptr + token[:, None] * H + k[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
+            w_at = n[None, :] * H + k[:, None]  # [BLOCK_K, BLOCK_N]: the weights transposed
+            w_ok = n_ok[None, :] & k_ok[:, None]
+            acc_gate = tl.dot(x, tl.load(gate_ptr + w_at, mask=w_ok, other=0.0), acc_gate)
+            acc_up = tl.dot(x, tl.load(up_ptr + w_at, mask=w_ok, other=0.0), acc_up)
+        dtype = h_ptr.dtype.element_ty
+        # gate and up rounded as their own linear layers would be, as in the decode GEMV kernels.
+        gate = acc_gate.to(dtype).to(tl.float32)
+        up = acc_up.to(dtype).to(tl.float32)
+        h = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(h_ptr + pair[:, None] * I + n[None, :], h.to(dtype), mask=real[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sorted_down_kernel(
+    h_ptr, sorted_ptr, block_expert_ptr, weight_ptr, w_down_ptr, s_down_ptr, partial_ptr,
+    T: tl.constexpr, TOP_K: tl.constexpr, E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+    PIECES: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pair, token, real, expert = _block_rows(sorted_ptr, block_expert_ptr, tl.program_id(0), T, TOP_K, E, BLOCKS,
+                                            BLOCK_M)
+    if expert < E + PIECES:
+        if expert < E:
+            w_ptr = w_down_ptr + expert.to(tl.int64) * H * I
+        else:
+            w_ptr = s_down_ptr + (expert - E) * I
+        stride = tl.where(expert < E, I, PIECES * I)  # the shared down projection is PIECES pieces wide
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < H
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < I
+            h = tl.load(h_ptr + pair[:, None] * I + k[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + n[None, :] * stride + k[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(h, w, acc)
+        if expert < E:
+            # Each expert's output rounded (as its own linear layer would be), then weighted by its router weight.
+            weight = tl.load(weight_ptr + pair, mask=real, other=0.0)
+            acc = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * weight[:, None]
+        tl.store(partial_ptr + pair[:, None] * H + n[None, :], acc, mask=real[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_experts_kernel(partial_ptr, residual_ptr, out_ptr, T: tl.constexpr, TOP_K: tl.constexpr, H: tl.constexpr,
+                        PIECES: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < H
+    dtype = out_ptr.dtype.element_ty
+    # The same sums and roundings as the few-token kernel: routed outputs in slot order in float32, rounded once;
+    # the shared expert's pieces in float32, rounded once, as one linear layer.
+    routed = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(TOP_K):
+        routed += tl.load(partial_ptr + (token * TOP_K + s) * H + n, mask=ok, other=0.0)
+    out = routed.to(dtype)
+    if PIECES > 0:
+        shared = tl.zeros([BLOCK], dtype=tl.float32)
+        for piece in tl.static_range(PIECES):
+            shared += tl.load(partial_ptr + (T * TOP_K + piece * T + token) * H + n, mask=ok, other=0.0)
+        out = out + shared.to(dtype)
+    if HAS_RESIDUAL:
+        out = out + tl.load(residual_ptr + token * H + n, mask=ok, other=0.0)
+    tl.store(out_ptr + token * H + n, out, mask=ok)
+
+
+def moe_sorted(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
+) -> torch.Tensor:
+    """The MoE block for a decode batch (tens of rows), reading each chosen expert once for all its rows.
+
+    Arguments and result as for `moe_gemv`: x [T, H]; topk_idx / topk_weight [T, k]; stacked gate/up [E, I, H],
+    down [E, H, I]; optional shared expert (gate, up [I_s, H], down [H, I_s]) and residual [T, H]. Same roundings."""
+    T, H = x.shape
+    E, I = w_gate.shape[0], w_gate.shape[1]
+    top_k = topk_idx.shape[1]
+    i_shared = shared[0].shape[0] if shared is not None else 0
+    if i_shared % I:
+        raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
+    pieces = i_shared // I
+    s_gate, s_up, s_down = shared if shared is not None else (w_gate, w_up, w_down)
+    block_m, bn, bk, warps, stages = tuning.sorted_moe_blocks
+    pairs = T * top_k
+    if pairs > 512:  # the sort runs in one program, which holds a pairs x experts table
+        raise ValueError(f"moe_sorted is for a decode batch (at most {512 // top_k} rows), got {T}")
+    # Every expert's pairs fill whole blocks: at most pairs / BLOCK_M full ones plus one partial per expert.
+    blocks = triton.cdiv(pairs, block_m) + min(E, pairs)
+    grid_m = blocks + pieces * triton.cdiv(T, block_m)
+    sorted_pairs = torch.empty(blocks * block_m, dtype=torch.int32, device=x.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=x.device)
+    _sort_pairs_by_expert_kernel[(1,)](
+        topk_idx.contiguous(), sorted_pairs, block_expert, PAIRS=pairs, PAIRS_P2=triton.next_power_of_2(pairs), E=E,
+        E_P2=triton.next_power_of_2(E), BLOCK_M=block_m, BLOCKS=blocks, BLOCKS_P2=triton.next_power_of_2(blocks),
+        num_warps=8,
+    )
+    sizes = dict(T=T, TOP_K=top_k, E=E, H=H, I=I, PIECES=pieces, BLOCKS=blocks, BLOCK_M=block_m)
+    h = torch.empty(pairs + pieces * T, I, dtype=x.dtype, device=x.device)
+    _sorted_gate_up_kernel[(grid_m, triton.cdiv(I, bn))](
+        x.contiguous(), sorted_pairs, block_expert, w_gate, w_up, s_gate, s_up, h, **sizes,
+        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(H)), num_warps=warps, num_stages=stages,
+    )
+    partial = torch.empty(pairs + pieces * T, H, dtype=torch.float32, device=x.device)
+    _sorted_down_kernel[(grid_m, triton.cdiv(H, bn))](
+        h, sorted_pairs, block_expert, topk_weight.float().contiguous(), w_down, s_down, partial, **sizes,
+        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(I)), num_warps=warps, num_stages=stages,
+    )
+    out = torch.empty_like(x)
+    block = min(1024, triton.next_power_of_2(H))
+    _sum_experts_kernel[(T, triton.cdiv(H, block))](
+        partial, residual.reshape(T, H).contiguous() if residual is not None else x, out, T=T, TOP_K=top_k, H=H,
+        PIECES=pieces, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=4,
     )
     return out
 
@@ -480,36 +676,47 @@ def rope_(
 
 @triton.jit
 def _decode_attention_partial(
-    qkv_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, max_ptr, sum_ptr, scale,
+    qkv_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, acc_ptr, max_ptr, sum_ptr, scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     S: tl.constexpr, CHUNK: tl.constexpr,
 ):
     bh = tl.program_id(0)  # b * KV_HEADS + kv head
-    chunk = tl.program_id(1)
-    num_chunks = tl.num_programs(1)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     b, kv_head = bh // KV_HEADS, bh % KV_HEADS
     g = tl.arange(0, GROUP_PAD)  # the KV head's query heads, padded to a tensor-core tile
     d = tl.arange(0, D)
-    s = chunk * CHUNK + tl.arange(0, CHUNK)
-    valid = tl.load(valid_ptr + b * S + s).to(tl.int1)
-    part = (bh * num_chunks + chunk) * GROUP + g  # where this chunk's statistics go, one row per query head
     real = g < GROUP
-    if tl.sum(valid.to(tl.int32), axis=0) == 0:  # past the end of the sequence: nothing to read
-        tl.store(max_ptr + part, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=real)
-    else:
-        q_rows = b * (Q_HEADS + 2 * KV_HEADS) + kv_head * GROUP + g
-        q = tl.load(qkv_ptr + q_rows[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+    # The row's keys end at its new token's slot: only those chunks are read, shared out evenly over the splits, so
+    # the work follows the row's length, not the cache's capacity.
+    chunks = (tl.load(slot_ptr + b).to(tl.int32) + CHUNK) // CHUNK
+    per_split = (chunks + splits - 1) // splits
+    first = split * per_split
+    last = tl.minimum(first + per_split, chunks)
+    q_rows = b * (Q_HEADS + 2 * KV_HEADS) + kv_head * GROUP + g
+    q = tl.load(qkv_ptr + q_rows[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    for chunk in range(first, last):  # online softmax over this split's chunks
+        s = chunk * CHUNK + tl.arange(0, CHUNK)
+        valid = tl.load(valid_ptr + b * S + s).to(tl.int1)
         kv_rows = bh * S + s
         k = tl.load(k_ptr + kv_rows[:, None] * D + d[None, :])
         v = tl.load(v_ptr + kv_rows[:, None] * D + d[None, :])
         scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, CHUNK], float32
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        m = tl.max(scores, axis=1)
-        p = tl.exp(scores - m[:, None])
-        acc = tl.dot(p.to(v.dtype), v)
-        tl.store(max_ptr + part, m, mask=real)
-        tl.store(sum_ptr + part, tl.sum(p, axis=1), mask=real)
-        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=real[:, None])
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: keep everything at zero
+        p = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(m - shift)
+        total = total * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    part = (bh * splits + split) * GROUP + g  # where this split's statistics go, one row per query head
+    tl.store(max_ptr + part, m, mask=real)  # -inf: the split read no valid key, and the combine skips it
+    tl.store(sum_ptr + part, total, mask=real)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=real[:, None])
 
 
 @triton.jit
@@ -548,26 +755,27 @@ def _decode_attention_combine(
 
 
 def decode_attention(
-    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, num_heads: int,
-    tuning: KernelTuning = DEFAULT_TUNING,
+    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, slots: torch.Tensor,
+    num_heads: int, tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
-    """One new token per row over the whole cache (split over chunks of keys, then combined: flash decoding).
+    """One new token per row over its cache (split over groups of key chunks, then combined: flash decoding).
 
-    qkv [B, 1, heads, D] holds the rotated queries; caches [B, kv_heads, S, D]; key_valid [B, S] bool.
-    Returns [B, num_heads, D]. Chunks past the sequence's end are skipped, so a large cache bucket costs nothing."""
+    qkv [B, 1, heads, D] holds the rotated queries; caches [B, kv_heads, S, D]; key_valid [B, S] bool; slots [B]
+    each row's new token's slot: the row's valid keys all lie at or before it (causal in slot order), so only its
+    first slots + 1 keys are read and a large cache costs nothing. Returns [B, num_heads, D]."""
     B, D = qkv.shape[0], qkv.shape[-1]
     kv_heads, S = k_cache.shape[1], k_cache.shape[2]
     chunk = min(tuning.decode_attention_chunk, S)
     if S % chunk or chunk & (chunk - 1):
         raise ValueError(f"decode_attention needs a power-of-two cache length (or a multiple of {chunk}), got {S}")
     group = num_heads // kv_heads
-    num_chunks = S // chunk
-    parts = B * kv_heads * num_chunks * group
+    splits = _attention_splits(B * kv_heads, S // chunk, qkv.device)
+    parts = B * kv_heads * splits * group
     acc = torch.empty(parts, D, dtype=torch.float32, device=qkv.device)
     maxima = torch.empty(parts, dtype=torch.float32, device=qkv.device)
     sums = torch.empty(parts, dtype=torch.float32, device=qkv.device)
-    _decode_attention_partial[(B * kv_heads, num_chunks)](
-        qkv, k_cache, v_cache, key_valid, acc, maxima, sums, D**-0.5, Q_HEADS=num_heads, KV_HEADS=kv_heads,
+    _decode_attention_partial[(B * kv_heads, splits)](
+        qkv, k_cache, v_cache, key_valid, slots, acc, maxima, sums, D**-0.5, Q_HEADS=num_heads, KV_HEADS=kv_heads,
         GROUP=group, GROUP_PAD=max(16, group), D=D, S=S, CHUNK=chunk, num_warps=4,
     )
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
@@ -575,9 +783,22 @@ def decode_attention(
     _decode_attention_combine[(B * kv_heads, D // d_block)](
         acc, maxima, sums, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group,
         GROUP_P2=triton.next_power_of_2(group), D=D, D_BLOCK=d_block,
-        NUM_CHUNKS=num_chunks, CHUNK_BLOCK=min(32, triton.next_power_of_2(num_chunks)), num_warps=4,
+        NUM_CHUNKS=splits, CHUNK_BLOCK=min(32, triton.next_power_of_2(splits)), num_warps=4,
     )
     return out
+
+
+def _attention_splits(heads: int, chunks: int, device: torch.device) -> int:
+    """How many programs share each (row, KV head)'s keys: enough for about four programs per multiprocessor in
+    all, a power of two, at most one per chunk. Fixed per batch size, so a captured step keeps its grid while its
+    rows grow."""
+    programs = 4 * _multiprocessors(device)
+    return max(1, min(chunks, 1 << max(0, (programs // heads).bit_length() - 1)))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 @triton.jit

@@ -29,6 +29,7 @@ except ImportError:
     DEFAULT_TUNING = KernelTuning = None
 
 FEW_TOKENS = 8  # at most this many rows take the fused decode kernels; more rows take the prompt path
+DECODE_BATCH = 64  # up to this many rows, the MoE reads its experts through the decode kernels (not grouped GEMMs)
 
 
 # ------------------------------------------------------------------------------------------------ kernel choice
@@ -48,6 +49,12 @@ def few_tokens(x: torch.Tensor) -> bool:
     to FEW_TOKENS rows, reading each chosen weight row per token wins; above it, the prompt path's GEMMs read each
     weight once for all rows."""
     return use_triton(x) and x.numel() // x.shape[-1] <= FEW_TOKENS
+
+
+def decode_batch(x: torch.Tensor) -> bool:
+    """Whether activations x [..., H] are a decode batch for the MoE's Triton kernels (up to DECODE_BATCH rows);
+    `few_tokens` then says which of the two (per-row GEMVs, or rows sorted by expert)."""
+    return use_triton(x) and x.numel() // x.shape[-1] <= DECODE_BATCH
 
 
 def use_grouped_mm(x: torch.Tensor) -> bool:
@@ -227,7 +234,8 @@ def attend(
     (every row at the same slots) or [B, L] (each row at its own, for rows at different points of their sequences).
     `mask` (boolean, True where a query may attend) says what the queries see: None is plain causal attention over
     the new tokens (lets SDPA pick its flash kernel); [B, 1, L, L] is over the new tokens; [B, 1, L, S] is over the
-    whole cache (decode steps, and chunks prefilled after earlier ones)."""
+    whole cache (decode steps, and chunks prefilled after earlier ones). Attention in the cache is causal in slot
+    order: a token never sees a valid slot after its own (the GPU decode kernel reads only up to its slot)."""
     B, L, _, D = qkv.shape
     split = [num_heads, num_kv_heads, num_kv_heads]
     over_cache = cache is not None and mask is not None and mask.shape[-1] == cache[0].shape[2] != L
@@ -235,7 +243,8 @@ def attend(
         # One kernel rotates q/k in place and writes k/v into the cache; one token then attends in two more.
         kernels.rope_(qkv, *rope, num_heads, num_kv_heads, cache, slots)
         if over_cache and L == 1 and flash_decoding_fits(cache[0]):
-            out = kernels.decode_attention(qkv, *cache, mask.reshape(B, -1), num_heads, tuning)
+            newest = slots.reshape(-1).expand(B) if slots.numel() == 1 else slots.reshape(B)
+            out = kernels.decode_attention(qkv, *cache, mask.reshape(B, -1), newest, num_heads, tuning)
             return out.view(B, 1, -1)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
     else:

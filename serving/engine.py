@@ -105,7 +105,7 @@ class Engine:
     def max_context(self) -> int:
         """Prompt + new tokens one request may take: the model's context, or a scheduler row's."""
         context = self.model.config.llm_config.max_position_embeddings
-        return min(context, self.scheduler.scratch) if use_scheduler() else context
+        return min(context, self.scheduler.capacity - 1) if use_scheduler() else context
 
     @property
     def banner(self) -> str:

@@ -67,7 +67,7 @@ def memory_budget(device: torch.device) -> int:
 def plan_cache(bytes_per_token: int, budget: int, max_active: int, max_context: int) -> tuple[int, int]:
     """(rows, capacity) of the slotted cache within `budget`: each row as long as the model's context while
     `max_active` rows fit, then shorter (down to MIN_CONTEXT), then fewer rows. Capacity is a power of two (the
-    flash-decoding kernel's shape) and includes one scratch slot, where idle rows write during a decode step."""
+    flash-decoding kernel's shape)."""
     capacity = cache_bucket(max_context)
     while capacity > max(MIN_CONTEXT, MIN_BUCKET) and max_active * capacity * bytes_per_token > budget:
         capacity //= 2
@@ -214,7 +214,6 @@ class Scheduler:
         self.budget = budget_bytes if budget_bytes is not None else memory_budget(self.device)
         max_context = model.config.llm_config.max_position_embeddings
         self.rows, self.capacity = plan_cache(kv_bytes_per_token(model), self.budget, max_active, max_context)
-        self.scratch = self.capacity - 1  # idle rows write here during a decode step; no request ever uses it
         self.cache = self.llm.new_cache(self.rows, self.capacity, self.dtype, self.device)
         self.kv_bytes = self.rows * self.capacity * kv_bytes_per_token(model)
         capture = use_triton(self.llm.lm_head.weight)
@@ -239,7 +238,7 @@ class Scheduler:
     @property
     def max_prompt(self) -> int:
         """The longest prompt a row holds with room for at least one new token."""
-        return self.scratch - 1
+        return self.capacity - 1
 
     def submit(self, inputs: dict[str, torch.Tensor], sampling: SamplingConfig,
                stop_event: threading.Event | None = None, thinker_states: bool = False) -> RequestStream:
@@ -255,7 +254,7 @@ class Scheduler:
         if length > self.max_prompt:
             raise ValueError(f"The prompt is {length} tokens long; this server holds at most {self.max_prompt} "
                              "per visitor. Try a shorter conversation (Clear), or fewer or smaller media.")
-        room = self.scratch - length
+        room = self.capacity - length
         if sampling.max_new_tokens > room:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         stream = RequestStream(stop_event)
@@ -382,17 +381,19 @@ class Scheduler:
     # ----------------------------------------------------------------------------------------------- decode
     def _decode(self) -> None:
         """One step for all occupied rows (the smallest captured bucket covering them). Rows still prefilling, and
-        the bucket's empty rows, feed a dummy token at the scratch slot, which is cleared afterwards."""
+        the bucket's empty rows, feed a dummy token at their first unused slot (where nothing is yet, and which the
+        step's attention reads last), whose valid flag is cleared afterwards."""
         n = len(self.active)
         batch = next(b for b in self.steps if b >= n)
-        tokens, positions, slots = [0] * batch, [0] * batch, [self.scratch] * batch
+        tokens, positions, slots = [0] * batch, [0] * batch, [0] * batch
         for request in self.active:
+            slots[request.row] = request.used_slots
             if request.decoding:
-                tokens[request.row], positions[request.row], slots[request.row] = (
-                    request.token, request.position, request.slot)
-        step = self.steps[batch]
-        logits = step(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
-        self.cache.valid[:, self.scratch] = False
+                tokens[request.row], positions[request.row] = request.token, request.position
+        logits = self.steps[batch](torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
+        idle = [row for row in range(batch) if row >= n or not self.active[row].decoding]
+        if idle:
+            self.cache.valid[idle, [slots[row] for row in idle]] = False
         self.steps_run += 1
         decoding = [r for r in self.active if r.decoding]
         for request in decoding:

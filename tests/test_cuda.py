@@ -58,9 +58,11 @@ def test_grouped_gemm_experts_match_the_loop_in_bf16():
     assert err < 2e-2, err
 
 
-def test_triton_decode_experts_match_the_loop_in_bf16():
-    """The two-kernel decode MoE (shared expert, split-by-expert down projection, residual) against the float32
-    loop, on the tiny shapes and on the full-size shapes (E=64, top-6, I=1408, shared 2816, H=2048)."""
+@pytest.mark.parametrize("moe", ["moe_gemv", "moe_sorted"])
+def test_triton_decode_experts_match_the_loop_in_bf16(moe):
+    """The decode MoE kernels (shared expert, residual) against the float32 loop, on the tiny shapes and on the
+    full-size shapes (E=64, top-6, I=1408, shared 2816, H=2048): per-row GEMVs for a few rows, rows sorted by
+    expert for a decode batch."""
     from ming import kernels
 
     config = tiny_config().llm_config
@@ -68,7 +70,8 @@ def test_triton_decode_experts_match_the_loop_in_bf16():
     experts.load_state_dict({k: tiny_tensor("e." + k, tuple(v.shape)) for k, v in experts.state_dict().items()})
     tiny = (experts.gate_proj, experts.up_proj, experts.down_proj)
     full = (torch.randn(64, 1408, 2048) / 45, torch.randn(64, 1408, 2048) / 45, torch.randn(64, 2048, 1408) / 38)
-    for (w_gate, w_up, w_down), top_k, tokens in ((tiny, 3, 2), (full, 6, 1)):
+    cases = ((tiny, 3, 2), (full, 6, 1)) if moe == "moe_gemv" else ((tiny, 3, 9), (tiny, 3, 37), (full, 6, 16), (full, 6, 64))
+    for (w_gate, w_up, w_down), top_k, tokens in cases:
         E, I, H = w_gate.shape
         gen = torch.Generator().manual_seed(E)
         shared = [torch.randn(shape, generator=gen) / shape[1] ** 0.5 for shape in ((2 * I, H), (2 * I, H), (H, 2 * I))]
@@ -84,7 +87,7 @@ def test_triton_decode_experts_match_the_loop_in_bf16():
             bf16(x), idx.cuda(), weight.cuda(), *map(bf16, (w_gate, w_up, w_down)), tuple(map(bf16, shared)),
             bf16(residual),
         )
-        got = kernels.moe_gemv(*args)
+        got = getattr(kernels, moe)(*args)
         loop = Experts(config)
         loop.gate_proj.data, loop.up_proj.data, loop.down_proj.data = w_gate, w_up, w_down
         gate, up, down = shared
@@ -92,7 +95,7 @@ def test_triton_decode_experts_match_the_loop_in_bf16():
         err = ((got.float().cpu() - residual - want).norm() / want.norm()).item()
         assert err < 2e-2, (E, err)
         # The last-program reduction is deterministic and leaves its tickets at zero for the next launch.
-        assert torch.equal(kernels.moe_gemv(*args), got)
+        assert torch.equal(getattr(kernels, moe)(*args), got)
         assert not kernels._tickets(got).any()
 
 
@@ -155,18 +158,23 @@ def test_triton_norm_rope_and_router_match_torch():
     assert torch.equal(v_cache[0, :, 5:8], qkv[0, :, 20:24].transpose(0, 1))
     assert not k_cache[:, :, :5].any() and not v_cache[:, :, 8:].any()
 
-    # Decode attention over a 1,024-slot cache with 300 valid keys (a hole at 10..19) against plain softmax.
-    q_qkv = torch.randn(2, 1, 24, 128, device="cuda", dtype=torch.bfloat16)
-    kc, vc = torch.randn(2, 2, 4, 1024, 128, device="cuda", dtype=torch.bfloat16)
-    valid = torch.zeros(2, 1024, dtype=torch.bool, device="cuda")
-    valid[:, :300] = True
-    valid[1, 10:20] = False
-    got = kernels.decode_attention(q_qkv, kc, vc, valid, 16)
-    q = q_qkv[:, 0, :16].float().view(2, 4, 4, 128)
-    scores = (q @ kc.float().transpose(-1, -2)) / 128**0.5
-    probs = scores.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1)
-    want = (probs @ vc.float()).view(2, 16, 128)
-    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    # Decode attention against plain softmax: rows of different lengths in a 1,024-slot and a 16,384-slot cache (a
+    # hole in one row; valid keys past a row's own slot are not seen: attention is causal in slot order).
+    for S, newest in ((1024, [299, 299]), (16384, [299, 15000, 0])):
+        B = len(newest)
+        q_qkv = torch.randn(B, 1, 24, 128, device="cuda", dtype=torch.bfloat16)
+        kc, vc = torch.randn(2, B, 4, S, 128, device="cuda", dtype=torch.bfloat16)
+        slots = torch.tensor(newest, device="cuda")
+        valid = torch.arange(S, device="cuda")[None] <= slots[:, None]
+        valid[1, 10:20] = False
+        seen = valid.clone()
+        valid[0, 400:600] = True
+        got = kernels.decode_attention(q_qkv, kc, vc, valid, slots, 16)
+        q = q_qkv[:, 0, :16].float().view(B, 4, 4, 128)
+        scores = (q @ kc.float().transpose(-1, -2)) / 128**0.5
+        probs = scores.masked_fill(~seen[:, None, None], float("-inf")).softmax(-1)
+        want = (probs @ vc.float()).view(B, 16, 128)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
     logits = torch.randn(4, 64, device="cuda")
     idx, weight = kernels.route_topk(logits, 6, renormalize=True)

@@ -56,10 +56,10 @@ def test_rows_at_their_own_slots_decode_as_each_row_alone():
     llm = tiny_llm()
     prompts = [prompt(n, seed) for n, seed in ((5, 1), (11, 2), (8, 3))]
     want = [greedy_alone(llm, ids, 6) for ids in prompts]
-    cache = llm.new_cache(4, 64, torch.float32, "cpu")  # one spare row: it decodes garbage at a scratch slot
+    cache = llm.new_cache(4, 64, torch.float32, "cpu")  # one spare row: it decodes garbage at its first slot
     logits = torch.cat([prefill_row(llm, cache, r, ids) for r, ids in enumerate(prompts)])
     step = DecodeStep(llm, 4, 64, torch.float32, torch.device("cpu"), capture=False, cache=cache)
-    lengths = torch.tensor([ids.shape[1] for ids in prompts] + [63])  # the spare row writes at the last slot
+    lengths = torch.tensor([ids.shape[1] for ids in prompts] + [0])  # the spare row writes at its first slot
     got_tokens = [[] for _ in prompts]
     for i in range(6):
         for r in range(3):
@@ -258,11 +258,11 @@ def test_a_prompt_too_long_for_a_row_is_refused_politely(tiny):
     scheduler = Scheduler(model, max_active=2, budget_bytes=1024 * kv_bytes_per_token(model))
     assert (scheduler.rows, scheduler.capacity) == (1, 1024)
     try:
-        with pytest.raises(ValueError, match="holds at most 1022"):
+        with pytest.raises(ValueError, match="holds at most 1023"):
             scheduler.submit(text_inputs(1500, 1), SamplingConfig(max_new_tokens=4))
         # A prompt that fits, with more new tokens than the row holds: cut to what fits.
         tokens, reason = drain(scheduler.submit(text_inputs(1000, 2), SamplingConfig(max_new_tokens=500)))
-        assert len(tokens) <= 23 and (reason == "eos" or len(tokens) == 23)
+        assert len(tokens) <= 24 and (reason == "eos" or len(tokens) == 24)
     finally:
         scheduler.close()
 
