@@ -483,12 +483,129 @@ def build_thinking_tab():
 # ========================================================================================================= voice call
 # The microphone streams short chunks to `call_chunk` (Gradio 6.31's recorder uploads one every 0.1 s, whatever
 # stream_every says; its own unlimited concurrency, never the GPU queue), which only feeds the call. Its events set
-# the hidden signal box; the box's change pauses the reply's playback in the page on barge-in (js) and starts
-# `call_reply` in the GPU queue, the only event that writes the transcript. That round trip takes about a second, so
-# the page also meters the microphone itself and pauses the reply at once when the visitor makes a sound
-# ("tentative barge-in", CALL_METER_JS): the server's signal keeps it stopped, or, if none comes, the reply resumes.
+# the hidden signal box; the box's change cuts the reply's playback in the page on barge-in (js) and starts
+# `call_reply` in the GPU queue, the only event that writes the transcript. The reply's audio does not go through
+# that event: the page's own player (CALL_PLAYER_JS, Web Audio) fetches each piece as soon as it is made and plays
+# it ~0.1 s later (Gradio's streaming gr.Audio output plays through an HLS player that started 0.6-1.4 s late).
+# The server's barge-in reaches the page about a second after the visitor starts talking, so the page also meters
+# the microphone itself and pauses the reply at once when the visitor makes a sound ("tentative barge-in",
+# CALL_METER_JS): the server's signal keeps it stopped, or, if none comes, the reply resumes.
 # See serving/voice_call_flow.py (TENTATIVE_BARGE_IN: the settings and why) and serving/voice_call.py.
-CALL_RECORD_JS = "() => { const b = document.querySelector('#call-mic .record-button'); if (b) b.click(); }"
+CALL_RECORD_JS = """() => {
+    if (window.mingCallPlayer) window.mingCallPlayer.start();  // in the click: the browser then lets it play
+    const b = document.querySelector('#call-mic .record-button');
+    if (b) b.click();
+}"""
+# js_on_load of the reply player (a gr.HTML; `server.call_reply_audio` is its server function): defines
+# window.mingCallPlayer once. listen(call id) long-polls the call's reply audio (serving/voice_call_flow.py
+# next_reply_audio) and schedules each piece right after the one before on an AudioContext, so a reply sounds as soon
+# as its first piece is made and plays without gaps. A newer turn's reply replaces the one playing; cut() drops what
+# is left of the current reply (barge-in, the end); pause() / resume() suspend and resume the audio clock (the
+# tentative barge-in: it goes on exactly where it stopped); playing() says whether reply audio is sounding. Its log
+# ({t: performance.now() ms, kind}): "play" (t: when a reply starts to sound, or sounds again after running dry),
+# "pause", "resume", "cut ..." (while it sounded) and "end" (t: when a finished reply's last sample played).
+CALL_PLAYER_JS = """
+if (!window.mingCallPlayer) window.mingCallPlayer = (() => {
+  const LEAD_S = 0.03;  // the first piece starts this far ahead of the audio clock: room to schedule it
+  const log = [];
+  const note = (kind, t) => { log.push({t: t === undefined ? performance.now() : t, kind}); if (log.length > 300) log.shift(); };
+  const label = element.querySelector('.call-player-state');
+  const show = (text) => { if (label) label.textContent = text; };
+  let context = null, out = null, callId = null, polling = false;
+  let turn = -1, next = 0, stopped = false, done = false, dropped = -1, endAt = 0, paused = false, ended = false;
+  const pageTime = (t) => performance.now() + (t - context.currentTime) * 1000;
+  function ensureContext() {
+    if (!context || context.state === 'closed') context = new AudioContext();
+    if (context.state === 'suspended' && !paused) context.resume().catch(() => {});
+  }
+  const sounding = () => !!context && !!out && endAt > context.currentTime;
+  function finishIfOver() {
+    if (done && !ended && out && !stopped && turn !== dropped && context.currentTime >= endAt - 0.002) {
+      ended = true;
+      note('end', pageTime(endAt));
+      show('finished');
+    }
+  }
+  function cut(why) {
+    const was = sounding();
+    dropped = turn;
+    if (out) { out.disconnect(); out = null; }
+    endAt = 0;
+    if (paused) { paused = false; context.resume().catch(() => {}); }
+    if (was) { note('cut ' + (why || '')); show('stopped'); }
+  }
+  function schedule(pcm, rate) {
+    const bytes = atob(pcm), n = bytes.length >> 1;
+    if (!n || !rate) return;
+    ensureContext();
+    const buffer = context.createBuffer(1, n, rate), data = buffer.getChannelData(0);
+    for (let i = 0; i < n; i++) {
+      const v = bytes.charCodeAt(2 * i) | (bytes.charCodeAt(2 * i + 1) << 8);
+      data[i] = (v >= 32768 ? v - 65536 : v) / 32768;
+    }
+    if (!out) { out = context.createGain(); out.connect(context.destination); }
+    const source = context.createBufferSource(), gain = out, now = context.currentTime;
+    source.buffer = buffer;
+    source.connect(gain);
+    const at = Math.max(endAt, now + LEAD_S);
+    source.start(at);
+    if (endAt <= now) { note('play', pageTime(at)); show(paused ? 'paused' : 'playing'); }
+    endAt = at + buffer.duration;
+    source.onended = () => { if (gain === out) finishIfOver(); };
+  }
+  function take(r) {
+    if (r.turn !== turn) {  // a newer turn's reply replaces the one playing
+      if (sounding()) cut('(a new turn)');
+      turn = r.turn; stopped = done = ended = false;
+      if (out) { out.disconnect(); out = null; }
+      endAt = 0;
+    }
+    next = r.next;
+    if (r.stopped && !stopped) cut('(the server stopped it)');
+    stopped = r.stopped;
+    if (!stopped && turn !== dropped && r.pcm) schedule(r.pcm, r.rate);
+    done = r.done;
+    finishIfOver();
+  }
+  async function poll() {
+    if (polling) return;
+    polling = true;
+    while (callId) {
+      const id = callId;
+      let r = null;
+      try {
+        r = await server.call_reply_audio({call: id, turn, next, stopped, done});
+      } catch (error) {
+        await new Promise(f => setTimeout(f, 500));  // the server is away for a moment: ask again
+        continue;
+      }
+      if (r && r.call === callId) take(r);
+    }
+    polling = false;
+  }
+  return {
+    start: ensureContext,
+    listen(id) {
+      if (id && id !== callId) { callId = id; turn = dropped = -1; next = 0; stopped = done = ended = false; }
+      ensureContext();
+      poll();
+    },
+    stop() { callId = null; cut('(the call ended)'); },
+    cut,
+    pause() {
+      if (context && !paused) { paused = true; context.suspend().catch(() => {}); note('pause'); show('paused'); }
+    },
+    resume() {
+      if (paused) { paused = false; context.resume().catch(() => {}); note('resume'); show('playing'); }
+    },
+    playing: () => !paused && sounding(),
+    get paused() { return paused; },
+    get turn() { return turn; },
+    log,
+  };
+})();
+"""
+CALL_PLAYER_HTML = '<div class="call-player">Spoken reply: <span class="call-player-state">none yet</span></div>'
 # Defines window.mingCallMeter once: start() opens the microphone with echo cancellation (the reply coming out of
 # the speakers is not the visitor) and reads its level every tick_ms; a sound over the noise floor for hold_ms while
 # the reply plays pauses the reply ("pause" in its log). confirm() (the server's barge-in, a new turn or the end) or
@@ -502,16 +619,12 @@ if (!window.mingCallMeter) window.mingCallMeter = (() => {
   let floor = null, loudSince = null, lastLoud = -1e9, lastTick = 0, waitQuiet = false, held = null, startedAt = 0;
   const log = [];
   const note = (kind) => { log.push({t: performance.now(), kind}); if (log.length > 200) log.shift(); };
-  const playing = () => [...document.querySelectorAll('#call-reply audio')].find(a => !a.paused && !a.ended);
-  // While a pause is tentative, the player must not start again by itself (on the next streamed piece).
-  document.addEventListener('play', (e) => {
-    if (held && e.target === held.el && held.el.currentSrc === held.src) held.el.pause();
-  }, true);
+  const player = () => window.mingCallPlayer;  // the reply's audio (CALL_PLAYER_JS)
   function resume(why) {
-    const h = held;
+    const h = held, p = player();
     held = null;
-    if (h.el.isConnected && h.el.currentSrc === h.src && h.el.paused && !h.el.ended) {
-      h.el.play().catch(() => {});
+    if (p && p.turn === h.turn && p.paused) {
+      p.resume();
       note('resume ' + why);
     }
   }
@@ -547,7 +660,7 @@ if (!window.mingCallMeter) window.mingCallMeter = (() => {
       const judged = (held.start - startedAt) / 1000 + cfg.min_speech_s + cfg.verdict_slack_s;
       const verdictAt = over ? Math.max(judged, (held.end - startedAt) / 1000 + cfg.verdict_slack_s)
         : judged + cfg.lasting_s;
-      if (!held.el.isConnected || held.el.currentSrc !== held.src) {
+      if (!player() || player().turn !== held.turn) {
         held = null;  // another reply took the player
       } else if (heard[1] === 'speech') {
         confirm('(the server hears speech)');
@@ -557,10 +670,10 @@ if (!window.mingCallMeter) window.mingCallMeter = (() => {
           : '(no verdict in time)');
       }
     } else if (loud && loudSince !== null && !waitQuiet && now - loudSince >= cfg.hold_ms) {
-      const el = playing();
-      if (el) {
-        held = {el, src: el.currentSrc, at: now, start: loudSince, end: now};
-        el.pause();
+      const p = player();
+      if (p && p.playing()) {
+        held = {turn: p.turn, at: now, start: loudSince, end: now};
+        p.pause();
         note('pause');
       }
     }
@@ -600,22 +713,24 @@ if (!window.mingCallMeter) window.mingCallMeter = (() => {
   }
   function confirm(what) {
     note((held ? 'confirmed ' : 'signal ') + what);
+    if (held && player()) player().cut(what);  // the paused reply stays stopped
     held = null;
   }
   return {start, stop, confirm, log, settings: cfg};
 })();
 """.replace("__SETTINGS__", voice_call_flow.tentative_barge_in_json())
-CALL_METER_START_JS = "() => {" + CALL_METER_JS + "window.mingCallMeter.start(); }"
+CALL_METER_START_JS = ("() => {" + CALL_METER_JS +
+                       "window.mingCallMeter.start(); if (window.mingCallPlayer) window.mingCallPlayer.start(); }")
 CALL_METER_STOP_JS = "() => { if (window.mingCallMeter) window.mingCallMeter.stop(); }"
 CALL_SIGNAL_JS = """(value) => {
     value = value || '';
-    const meter = window.mingCallMeter;
+    const meter = window.mingCallMeter, player = window.mingCallPlayer, call = /call=(\\w+)/.exec(value);
+    if (player && call && !value.includes('end=')) player.listen(call[1]);  // fetch this call's replies
     // The server's word: a barge-in, a new turn or the end keeps a tentatively paused reply stopped.
     if (meter && /(stop|turn|end)=/.test(value)) meter.confirm(value);
-    if (value.includes('stop=') || value.includes('end=')) {
-        document.querySelectorAll('#call-reply audio').forEach(a => a.pause());
-    }
+    if (player && value.includes('stop=')) player.cut('(barge-in)');
     if (value.includes('end=')) {
+        if (player) player.stop();
         if (meter) meter.stop();
         const b = document.querySelector('#call-mic .stop-button');
         if (b) b.click();
@@ -670,12 +785,17 @@ def check_call(call):
 
 @shows_errors
 def call_reply(call, voice, max_new_tokens, cloned):
-    """Answer the turn that is waiting (each reply its own GPU job), streaming its audio and the transcript."""
+    """Answer the turn that is waiting (each reply its own GPU job), streaming the transcript (the page's player
+    fetches the audio itself: `call_reply_audio`)."""
     if call is None:
         return
     call.set_reply_options(voice, max_new_tokens, cloned)
-    for messages, audio in call.reply():
-        yield messages if messages is not None else gr.skip(), audio if audio is not None else gr.skip()
+    yield from call.reply()
+
+
+async def call_reply_audio(since):
+    """The page's reply player asks for the newest reply audio of its call (a long poll on the event loop)."""
+    return await voice_call_flow.next_reply_audio(since)
 
 
 def voice_call_turns(audio, pause_s):
@@ -711,7 +831,8 @@ def build_voice_call_tab(cloned: gr.State) -> None:
                 max_new_tokens = gr.Slider(1, checks.MAX_NEW_TOKENS, value=256, step=1, label="Max new tokens",
                                            elem_id="call-max-tokens")
         with gr.Column(scale=2):
-            reply_audio = streaming_reply_audio("call-reply")
+            gr.HTML(CALL_PLAYER_HTML, js_on_load=CALL_PLAYER_JS, server_functions=[call_reply_audio],
+                    elem_id="call-player")
             chatbot = gr.Chatbot(label="Call transcript", height=420, elem_id="call-chatbot")
     with gr.Accordion("No microphone? Run a call on a recording", open=False, elem_id="call-file-panel"):
         gr.Markdown("The recording is heard as a microphone would hear it: each pause ends a turn, each turn gets a "
@@ -736,7 +857,7 @@ def build_voice_call_tab(cloned: gr.State) -> None:
                       concurrency_id="call-microphone", concurrency_limit=None, show_progress="hidden",
                       api_visibility="private")
     signal.change(None, signal, None, js=CALL_SIGNAL_JS)
-    signal.change(call_reply, [call, voice, max_new_tokens, cloned], [chatbot, reply_audio], show_progress="hidden",
+    signal.change(call_reply, [call, voice, max_new_tokens, cloned], chatbot, show_progress="hidden",
                   trigger_mode="always_last", api_visibility="private", **GPU_EVENT)
     hang_up.click(end_call, call, [signal, status, timer], show_progress="hidden", api_visibility="private",
                   queue=False)

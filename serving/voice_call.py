@@ -459,6 +459,17 @@ class ReplyPiece:
 Responder = Callable[[np.ndarray, int, threading.Event], Iterable[ReplyPiece]]
 
 
+@dataclass(frozen=True)
+class ReplyAudio:
+    """The newest turn's reply audio from one of its pieces on: what a page's player fetches while it plays."""
+    turn_index: int                   # -1: no turn yet
+    start: int                        # the index of the first piece in `pieces`
+    pieces: list[np.ndarray]
+    sample_rate: int
+    stopped: bool                     # cut off (barge-in, hang-up): nothing more of it is to be played
+    done: bool                        # no more pieces will come
+
+
 @dataclass
 class Turn:
     """One exchange of the call: what the visitor said and what came back."""
@@ -500,7 +511,8 @@ class CallSession:
         self._respond = respond
         self._detector = TurnDetector(config, vad)
         self._barge_in = barge_in
-        # The browser plays a reply this long behind its generation; speech before playback ends is a barge-in.
+        # The browser plays a reply this long behind its generation (in audio time: the microphone's transport to
+        # the server plus the reply's to the page); speech before playback ends is a barge-in.
         self._latency = playback_latency_s
         self._clock = clock or time.monotonic
         self._lock = threading.Condition(threading.RLock())
@@ -542,6 +554,17 @@ class CallSession:
         with self._lock:
             return [dataclasses.replace(t, reply_audio=list(t.reply_audio), timing=dict(t.timing))
                     for t in self._turns]
+
+    def reply_audio(self, turn_index: int, start: int = 0) -> ReplyAudio:
+        """The newest turn's reply audio from piece `start` on; from its first piece when the newest turn is not
+        `turn_index` (a new turn replaces the reply being played)."""
+        with self._lock:
+            if not self._turns:
+                return ReplyAudio(-1, 0, [], 0, False, False)
+            turn = self._turns[-1]
+            start = start if turn.index == turn_index else 0
+            return ReplyAudio(turn.index, start, turn.reply_audio[start:], turn.reply_sample_rate,
+                              turn.stop.is_set(), turn.done)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

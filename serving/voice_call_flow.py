@@ -1,7 +1,8 @@
 """Voice call, serving side: a `CallSession` (serving/voice_call.py) wired to the engine. No Gradio here.
 
 * `VoiceCall` is one visitor's call. The page's microphone handler calls `feed(chunk)` (and reads `signal(events)`
-  and `status()`), its reply event iterates `reply()`, Hang up calls `hang_up()`. The responder builds the prompt
+  and `status()`), its reply event iterates `reply()` (the transcript), the page's player fetches the reply's audio
+  with `next_reply_audio` as soon as it is made, and Hang up calls `hang_up()`. The responder builds the prompt
   from the call's transcript like Speech-to-speech does (earlier turns: the visitor's audio, which drops out of the
   model's view, and the reply's text; the newest turn: its audio) and streams the reply through the engine's
   `Job` / `stream_job`, so each reply is its own GPU job (on ZeroGPU, its own GPU task). Barge-in and hang-up stop
@@ -15,11 +16,14 @@ stays replayable after the call.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,8 +39,8 @@ from .conversation import prepare_inputs
 from .engine import Job, get_engine, stop_session, stream_job
 from .errors import UserError
 from .flows import check_voice, save_wav, user_errors
-from .voice_call import (BargeIn, CallEnded, CallSession, CallState, Event, ReplyPiece, TurnConfig, TurnQueued,
-                         detect_turns)
+from .voice_call import (BargeIn, CallEnded, CallSession, CallState, Event, ReplyAudio, ReplyPiece, TurnConfig,
+                         TurnQueued, detect_turns)
 from .voice_call import Turn as CallTurn
 
 PAUSE_RANGE_S = (0.3, 1.5)          # the end-of-turn pause a visitor may choose
@@ -46,6 +50,19 @@ MIC_QUIET_S = 10.0                 # the microphone sent nothing for this long (
 MIC_FIRST_CHUNK_S = 30.0           # ... or since Start (a permission prompt may be open meanwhile)
 MAX_CALL_FILE_SECONDS = 5 * 60     # a whole call from a file (the API)
 CHUNK_S = 0.2                      # what the page's microphone sends at a time, and what the API feeds
+
+# The reply's audio is played in the page with Web Audio (app.py's CALL_PLAYER_JS): the player asks for the newest
+# pieces (`next_reply_audio`, a long poll answered as soon as a piece is made) and schedules each one right after the
+# one before, so the first piece sounds ~0.1 s after it is made. (Gradio's streaming gr.Audio output went through an
+# HLS player that started to sound 0.6-1.4 s after the first piece on the test machine.)
+# How far behind its generation a reply plays, in the microphone's audio time, for the server's barge-in rule (speech
+# before the reply has played out interrupts it): the microphone's transport to the server (~0.1 s, more on a busy
+# machine) plus the reply's transport to the page and its scheduling (~0.1 s). Too short an estimate only lets speech
+# over a reply's last instant count as a new turn (the page cuts the reply anyway); too long marks replies that had
+# finished as interrupted.
+PLAYBACK_LATENCY_S = 0.3
+REPLY_AUDIO_WAIT_S = 1.0           # the player's long poll: answered at once when there is news, else after this
+REPLY_AUDIO_POLL_S = 0.01          # how often the long poll looks for news
 
 # Tentative barge-in, in the page (app.py's CALL_METER_JS). The server's barge-in reaches the page 0.9-1.3 s after
 # the visitor starts talking (the microphone's upload 0.3-0.8 s, the VAD's minimum speech length 0.3 s, the signal
@@ -131,10 +148,12 @@ class VoiceCall:
     def __init__(self, session: str, voice: str | None, pause_s: float = DEFAULT_PAUSE_S,
                  max_new_tokens: int = 256, *, cloned: torch.Tensor | None = None,
                  silence_timeout_s: float | None = SILENCE_TIMEOUT_S, vad: Any = None) -> None:
-        self.id = uuid.uuid4().hex[:8]
+        self.id = uuid.uuid4().hex  # also what lets the page's player fetch this call's audio: unguessable
         self.key = f"voice-call:{session}:{self.id}"  # the engine's stop event for this call's replies
         self.set_reply_options(voice, max_new_tokens, cloned)
-        self.call = CallSession(self._respond, turn_config(pause_s, silence_timeout_s), vad=vad)
+        self.call = CallSession(self._respond, turn_config(pause_s, silence_timeout_s),
+                                playback_latency_s=PLAYBACK_LATENCY_S, vad=vad)
+        CALLS[self.id] = self
         self.started_at = time.monotonic()
         self.last_chunk_at: float | None = None
         self.notice = ""  # a message worth showing with the status (a cut turn, why the call ended)
@@ -234,28 +253,44 @@ class VoiceCall:
         return status
 
     # ---------------------------------------------------------------------------------------------- reply side
-    def reply(self, wait_s: float = 0.3, every_s: float = 0.3
-              ) -> Iterator[tuple[list[dict] | None, tuple[int, np.ndarray] | None]]:
-        """Answer the waiting turn, if any: (Chatbot messages or None when unchanged, audio chunk to play or None)
-        as the reply grows. The transcript is sent at most every `every_s` while the reply streams (each update
-        redraws the page's players, which would slow the microphone's stream down); every audio chunk goes at
-        once. Ends early on barge-in or hang-up; always ends with the messages of the whole call (clips included).
-        """
-        yield self.messages(), None  # the visitor's turn shows at once, while the prompt is prefilled
+    def reply(self, wait_s: float = 0.3, every_s: float = 0.3) -> Iterator[list[dict]]:
+        """Answer the waiting turn, if any: the Chatbot messages as the reply grows, at most every `every_s` while
+        it streams (each update redraws the page's players, which would slow the microphone's stream down). The
+        audio goes to the page's player on its own (`next_reply_audio`), as soon as each piece is made. Ends early
+        on barge-in or hang-up; always ends with the messages of the whole call (clips included)."""
+        yield self.messages()  # the visitor's turn shows at once, while the prompt is prefilled
         sent_at, stale = time.monotonic(), False
         try:
             for piece in self.call.run_reply(wait_s):
                 stale = stale or bool(piece.text)
-                messages = None
                 if stale and time.monotonic() - sent_at >= every_s:
-                    messages, sent_at, stale = self.messages(), time.monotonic(), False
-                audio = (piece.sample_rate, piece.audio) if piece.audio is not None and len(piece.audio) else None
-                if messages is not None or audio is not None:
-                    yield messages, audio
+                    yield self.messages()
+                    sent_at, stale = time.monotonic(), False
         except UserError:
-            yield self.messages(), None
+            yield self.messages()
             raise
-        yield self.messages(), None
+        yield self.messages()
+
+    def reply_audio(self, since: dict) -> dict | None:
+        """For the page's player, which has played `since` ({"call", "turn", "next", "stopped", "done"} as this
+        returned them last): the newest turn's audio from the next piece on, as JSON (16-bit PCM in base64), or None
+        when there is nothing new."""
+        audio: ReplyAudio = self.call.reply_audio(*self._position(since))
+        if (since.get("call") == self.id and since.get("turn") == audio.turn_index and not audio.pieces
+                and bool(since.get("stopped")) == audio.stopped and bool(since.get("done")) == audio.done):
+            return None
+        pcm = b"".join(pcm16(piece).tobytes() for piece in audio.pieces)
+        return {"call": self.id, "turn": audio.turn_index, "next": audio.start + len(audio.pieces),
+                "rate": audio.sample_rate, "pcm": base64.b64encode(pcm).decode("ascii"), "stopped": audio.stopped,
+                "done": audio.done}
+
+    def _position(self, since: dict) -> tuple[int, int]:
+        if since.get("call") != self.id:
+            return -1, 0
+        try:
+            return int(since.get("turn", -1)), max(int(since.get("next", 0)), 0)
+        except (TypeError, ValueError):
+            return -1, 0
 
     @user_errors
     def _respond(self, user_audio: np.ndarray, index: int, stop: threading.Event) -> Iterator[ReplyPiece]:
@@ -332,6 +367,31 @@ class VoiceCall:
         return rows
 
 
+CALLS: weakref.WeakValueDictionary[str, VoiceCall] = weakref.WeakValueDictionary()  # by id, while a page holds them
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    """Audio samples as little-endian 16-bit integers (float samples are on the -1..1 scale)."""
+    audio = np.asarray(audio)
+    if audio.dtype.kind == "f":
+        audio = np.round(np.clip(audio, -1.0, 1.0) * 32767)
+    return audio.astype("<i2", copy=False)
+
+
+async def next_reply_audio(since: dict | None, wait_s: float = REPLY_AUDIO_WAIT_S) -> dict | None:
+    """The page player's long poll: the newest reply audio of call `since["call"]` after what the player has
+    (`VoiceCall.reply_audio`), as soon as there is some, or None after `wait_s` without news (or when the call is
+    gone). Runs on the server's event loop, holding no thread while it waits."""
+    since = since if isinstance(since, dict) else {}
+    deadline = time.monotonic() + wait_s
+    while True:
+        call = CALLS.get(str(since.get("call")))
+        news = call.reply_audio(since) if call is not None else None
+        if news is not None or time.monotonic() >= deadline:
+            return news
+        await asyncio.sleep(REPLY_AUDIO_POLL_S)
+
+
 # ------------------------------------------------------------------------------------------------------ the API
 def load_recording(path: str | None, max_seconds: float) -> np.ndarray:
     """A recording as 16 kHz float32, with the length checked from the header first."""
@@ -372,9 +432,8 @@ def whole_call(path: str | None, pause_s: float, voice: str | None, max_new_toke
     for start in range(0, len(waveform), step):
         events = call.feed((SAMPLE_RATE, waveform[start:start + step]))
         if any(isinstance(e, TurnQueued) for e in events):
-            for messages, _ in call.reply(every_s=0.0):
-                if messages is not None:
-                    yield messages, call.summary()
+            for messages in call.reply(every_s=0.0):
+                yield messages, call.summary()
     if not call.call.transcript():
         raise UserError(f"No speech was heard in '{os.path.basename(path)}'.", title="No speech")
     yield call.messages(), call.summary()

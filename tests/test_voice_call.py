@@ -363,6 +363,26 @@ def test_barge_in_stops_the_reply_and_takes_the_next_turn(utterances):
     assert session.stats()["interrupted"] == 1
 
 
+def test_the_page_player_reads_the_newest_replys_audio_as_it_is_made(utterances):
+    session, _, _ = queued_session(utterances)
+    nothing = session.reply_audio(-1)
+    assert (nothing.turn_index, nothing.pieces, nothing.done) == (0, [], False)  # the turn waits for its reply
+    reply = session.run_reply()
+    next(reply), next(reply)
+    so_far = session.reply_audio(0)
+    assert (so_far.turn_index, so_far.start, len(so_far.pieces), so_far.sample_rate) == (0, 0, 2, 24000)
+    assert not so_far.done and not so_far.stopped
+    list(reply)
+    rest = session.reply_audio(0, 2)
+    assert (rest.start, [int(p[0]) for p in rest.pieces], rest.done) == (2, [300, 400], True)
+    # Speech over the reply cuts it: the player hears that it stopped, then the next turn replaces it.
+    feed_all(session, utterances[1][:int(0.6 * SR)])
+    assert session.reply_audio(0, 4).stopped
+    feed_all(session, np.concatenate([utterances[1][int(0.6 * SR):], floor(1.0)]))
+    newer = session.reply_audio(0, 4)
+    assert (newer.turn_index, newer.start, newer.pieces, newer.stopped) == (1, 0, [], False)
+
+
 def test_barge_in_before_the_reply_started_leaves_the_turn_unanswered(utterances):
     session, responder, _ = queued_session(utterances)
     events = feed_all(session, np.concatenate([utterances[1], floor(1.0)]))

@@ -205,7 +205,42 @@ def test_barge_in_stops_the_running_generation_through_the_engine(app, monkeypat
     assert any(type(e).__name__ == "BargeIn" for e in events)
     assert stops[0].wait(5), "barge-in must stop the generation itself, not only the stream"
     thread.join(5)
-    assert call.call.transcript()[0].interrupted and "*(interrupted)*" in str(replies[-1][0][1]["content"])
+    assert call.call.transcript()[0].interrupted and "*(interrupted)*" in str(replies[-1][1]["content"])
+
+
+def test_the_page_player_fetches_each_piece_of_the_reply_as_it_is_made(app, monkeypatch):
+    """The reply player's long poll (what app.py's `call_reply_audio` answers): it waits for news, gets the newest
+    turn's audio from where it is as 16-bit PCM, then that the reply is done; an unknown call gets nothing."""
+    import asyncio
+    import base64
+
+    import serving.engine
+    from serving.voice_call_flow import VoiceCall, next_reply_audio
+
+    monkeypatch.setattr(serving.engine, "run_job", scripted_model(piece_s=0.25))
+    call = VoiceCall("player-test", "luna", 0.6, 20, silence_timeout_s=None)
+    audio, _ = call_audio(0.5, QUESTION, 1.0)
+    for i in range(0, len(audio), 3200):
+        call.feed((SR, audio[i:i + 3200]))
+    since = {"call": call.id, "turn": -1, "next": 0}
+    first = asyncio.run(next_reply_audio(since, wait_s=0.2))  # the turn is queued: its (empty) reply is news
+    assert (first["turn"], first["next"], first["pcm"], first["done"]) == (0, 0, "", False)
+    since = {key: first[key] for key in ("call", "turn", "next", "stopped", "done")}
+    started = time.monotonic()
+    assert asyncio.run(next_reply_audio(since, wait_s=0.3)) is None  # nothing new: it waited, then said so
+    assert time.monotonic() - started >= 0.25
+    thread = threading.Thread(target=lambda: list(call.reply()))
+    thread.start()
+    got = asyncio.run(next_reply_audio(since, wait_s=5))  # answered as soon as the first piece is made
+    rate = serving.engine.get_engine().speech.sample_rate
+    assert got["rate"] == rate and got["next"] >= 1 and not got["stopped"]
+    assert len(base64.b64decode(got["pcm"])) == 2 * got["next"] * int(0.25 * rate)
+    thread.join(10)
+    since = {key: got[key] for key in ("call", "turn", "next", "stopped", "done")}
+    last = asyncio.run(next_reply_audio(since, wait_s=1))
+    assert last["done"] and last["next"] == 2 and not last["stopped"]
+    assert asyncio.run(next_reply_audio({"call": "nobody"}, wait_s=0.05)) is None
+    call.hang_up()
 
 
 # ------------------------------------------------------------------------------------------------------ the browser
@@ -213,9 +248,11 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TIMEOUT_MS = 90_000
 
 # Installed before the page's scripts: taps the microphone stream Gradio opens (an analyser records when speech
-# reaches the page) and records the reply player's play / pause events, all on the page's clock.
+# reaches the page); `window.__call.replies()` reads the reply player's log (app.py CALL_PLAYER_JS) as plays (a reply
+# starts to sound, or sounds again) and pauses (it stops sounding; `ended` when it played to its end), all on the
+# page's clock.
 PAGE_PROBE = """
-window.__call = {onsets: [], pauses: [], plays: []};  // times: performance.now(), ms
+window.__call = {onsets: []};  // times: performance.now(), ms
 (() => {
   const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
   navigator.mediaDevices.getUserMedia = async (constraints) => {
@@ -246,12 +283,13 @@ window.__call = {onsets: [], pauses: [], plays: []};  // times: performance.now(
     }
     return stream;
   };
-  // A player fires "pause" at its natural end too: those are told apart by `ended`.
-  const inReply = e => e.target && e.target.closest && e.target.closest('#call-reply');
-  document.addEventListener('pause', e => {
-    if (inReply(e)) window.__call.pauses.push({t: performance.now(), ended: e.target.ended});
-  }, true);
-  document.addEventListener('playing', e => { if (inReply(e)) window.__call.plays.push(performance.now()); }, true);
+  window.__call.replies = () => {
+    const log = window.mingCallPlayer ? window.mingCallPlayer.log : [];
+    return {onsets: window.__call.onsets,
+            plays: log.filter(e => e.kind === 'play' || e.kind === 'resume').map(e => e.t),
+            pauses: log.filter(e => e.kind === 'pause' || e.kind === 'end' || e.kind.startsWith('cut'))
+                       .map(e => ({t: e.t, ended: e.kind === 'end'}))};
+  };
 })();
 """
 
@@ -359,6 +397,11 @@ def onsets(page) -> list[float]:
     return page.evaluate("() => window.__call.onsets")
 
 
+def replies(page) -> dict:
+    """What the page heard and played: {onsets, plays, pauses} (see PAGE_PROBE)."""
+    return page.evaluate("() => window.__call.replies()")
+
+
 def onset_of(page, seconds_after_first: float) -> float:
     """The onset the probe heard `seconds_after_first` after the first one (the fake microphone's wav has its
     sounds at known places), within 0.3 s."""
@@ -376,7 +419,7 @@ def diagnosis(page) -> dict:
         status: document.querySelector('#call-status').innerText,
         signal: (document.querySelector('#call-signal textarea') || {}).value,
         heard: (document.querySelector('#call-heard textarea') || {}).value,
-        probe: window.__call, meter: window.mingCallMeter ? window.mingCallMeter.log : null})""")
+        replies: window.__call.replies(), meter: window.mingCallMeter ? window.mingCallMeter.log : null})""")
 
 
 def meter_log(page) -> list[dict]:
@@ -411,8 +454,27 @@ def real_time_scenario(test):
     return run
 
 
-@pytest.mark.xfail(strict=False, reason="flaky on a 2-core CPU: with a 0.3 s pause and 1.5 s between questions the "
-                   "server sometimes starts the first reply late, so the second question lands on it (issue 13)")
+def long_reply_call(call_page, monkeypatch, tmp_path, name: str, audio: np.ndarray):
+    """A started call whose microphone plays `audio`, each question answered with a 16 s reply (scripted)."""
+    import serving.engine
+
+    monkeypatch.setattr(serving.engine, "run_job", scripted_model(piece_s=0.25))
+    page = call_page(write_wav(tmp_path, name, audio), max_new_tokens=640, pause_s=0.6)
+    start_call(page)
+    return page
+
+
+def paused_by(page, onset: float) -> tuple[dict, float]:
+    """The page's record ({onsets, plays, pauses}) and when the reply was paused by the sound at `onset`, after
+    checking that the reply was sounding then."""
+    record = replies(page)
+    assert any(p < onset for p in record["plays"]), f"the reply was not playing when the sound came {record}"
+    assert not any(p["ended"] and p["t"] < onset for p in record["pauses"]), f"the reply had already ended {record}"
+    paused = [p["t"] for p in record["pauses"] if p["t"] > onset and not p["ended"]]
+    assert paused, f"the reply's playback was never paused: {record} {meter_log(page)}"
+    return record, paused[0]
+
+
 @real_time_scenario
 def test_browser_call_answers_two_turns_without_a_click(call_page, monkeypatch, tmp_path):
     import serving.engine
@@ -428,13 +490,17 @@ def test_browser_call_answers_two_turns_without_a_click(call_page, monkeypatch, 
     expect(clips(page, "bot")).to_have_count(2)  # each reply's clip, once it is done
     texts = bot_texts(page)
     assert len(texts) == 2 and all("word0" in t and "interrupted" not in t for t in texts), texts
-    heard = onsets(page)
-    assert len(heard) >= 2, heard
-    wait_for(lambda: len(page.evaluate("() => window.__call.plays")) >= 2, 15, "the second reply to play")
-    plays = page.evaluate("() => window.__call.plays")
-    # The replies played, each after its own question. (The first starts to sound ~1 s after its first chunk is
-    # sent, the HLS player's buffering; with only 1.5 s between the questions that may fall after the second began.)
-    assert len(plays) >= 2 and heard[0] < plays[0] and plays[-1] > heard[1], page.evaluate("() => window.__call")
+    wait_for(lambda: sum(p["ended"] for p in replies(page)["pauses"]) >= 2, 15, "the second reply to play out")
+    record = replies(page)
+    heard, plays = record["onsets"], record["plays"]
+    assert len(heard) >= 2 and len(plays) == 2, record
+    # Each reply played after its own question, to its end, before anything else was heard: no pause, no cut.
+    assert heard[0] < plays[0] < heard[1] < plays[1], record
+    assert [p["ended"] for p in record["pauses"]] == [True, True] and record["pauses"][0]["t"] < heard[1], record
+    ends = [heard[i] + 1000 * (spans[i][1] - spans[i][0]) for i in range(2)]  # the wav's utterances, page clock
+    delays = [(plays[i] - ends[i]) / 1000 for i in range(2)]
+    print(f"\nend of speech -> reply audio playing (0.3 s pause): {delays[0] * 1000:.0f} ms, {delays[1] * 1000:.0f} ms;"
+          f" first reply over {(heard[1] - record['pauses'][0]['t']) / 1000:.2f} s before the second question")
     hang_up(page)
     expect(clips(page, "bot")).to_have_count(2)  # the transcript stays, replayable
     page.screenshot(path=os.path.join(os.path.dirname(__file__), "artifacts", "06-voice-call.png"), full_page=True)
@@ -442,30 +508,21 @@ def test_browser_call_answers_two_turns_without_a_click(call_page, monkeypatch, 
 
 @real_time_scenario
 def test_browser_call_barge_in_cuts_the_reply_and_answers_the_new_question(call_page, monkeypatch, tmp_path):
-    import serving.engine
-
-    monkeypatch.setattr(serving.engine, "run_job", scripted_model(piece_s=0.25))
     # A long reply (16 s of audio) to the first question; the second starts 5 s after the first ends, while the
     # reply plays (the slack lets a slow machine start the reply late and still be mid-reply).
     audio, spans = call_audio(1.0, QUESTION, 5.0, REQUEST, 40.0)
-    page = call_page(write_wav(tmp_path, "barge_in.wav", audio), max_new_tokens=640, pause_s=0.6)
-    start_call(page)
-    expect = sync_expect()
+    page = long_reply_call(call_page, monkeypatch, tmp_path, "barge_in.wav", audio)
     try:
-        expect(clips(page, "user")).to_have_count(2)
+        sync_expect()(clips(page, "user")).to_have_count(2)
     except AssertionError:
         raise AssertionError(f"the two questions were not heard: {diagnosis(page)}") from None
     wait_for(lambda: len(bot_texts(page)) == 2 and "word0" in bot_texts(page)[1], what="the second reply")
     texts = bot_texts(page)
     assert "interrupted" in texts[0] and "word0" in texts[0], texts
     assert "interrupted" not in texts[1], texts
-    probe = page.evaluate("() => window.__call")
     onset = onset_of(page, spans[1][0] - spans[0][0])
-    assert any(p < onset for p in probe["plays"]), f"the first reply was playing when the second question began {probe}"
-    assert not any(p["ended"] and p["t"] < onset for p in probe["pauses"]), f"the first reply had already ended {probe}"
-    paused = [p["t"] for p in probe["pauses"] if p["t"] > onset and not p["ended"]]
-    assert paused, f"the reply's playback was never paused: {probe}"
-    latency = (paused[0] - onset) / 1000
+    _, paused = paused_by(page, onset)
+    latency = (paused - onset) / 1000
     # The page's own level meter pauses the reply once the voice has lasted hold_ms (tentative barge-in); the
     # server's confirmation (Gradio's microphone uploads a 0.1 s wav per chunk, which reaches the handler 0.3-0.8 s
     # after capture on a loaded 2-core machine; the VAD confirms after 0.3 s of speech; the signal reaches the page
@@ -478,9 +535,8 @@ def test_browser_call_barge_in_cuts_the_reply_and_answers_the_new_question(call_
     kinds = [entry["kind"].split()[0] for entry in after]
     assert kinds[:2] == ["pause", "confirmed"] and "resume" not in kinds, log
     print(f"the server confirmed it {(after[1]['t'] - after[0]['t']) / 1000:.2f} s later ({after[1]['kind']})")
-    wait_for(lambda: any(p > paused[0] for p in page.evaluate("() => window.__call.plays")), 15,
-             "the second reply to play")
-    expect(clips(page, "bot")).to_have_count(2)
+    wait_for(lambda: any(p > paused for p in replies(page)["plays"]), 15, "the second reply to play")
+    sync_expect()(clips(page, "bot")).to_have_count(2)
     hang_up(page)
 
 
@@ -497,39 +553,31 @@ def cough(seconds: float = 0.25, seed: int = 3) -> np.ndarray:
 
 @real_time_scenario
 def test_browser_call_a_cough_pauses_the_reply_briefly_and_it_goes_on(call_page, monkeypatch, tmp_path):
-    import serving.engine
     from serving.voice_call_flow import TENTATIVE_BARGE_IN
 
-    monkeypatch.setattr(serving.engine, "run_job", scripted_model(piece_s=0.25))
     # A 16 s reply to the question; a cough 7 s after the question, while the reply plays (the slack lets a slow
     # machine start the reply late and still be mid-reply).
     question, spans = call_audio(1.0, QUESTION, 7.0)
     audio = np.concatenate([question, cough(), quiet(40.0, seed=9)])
-    page = call_page(write_wav(tmp_path, "cough.wav", audio), max_new_tokens=640, pause_s=0.6)
-    start_call(page)
-    expect = sync_expect()
-    expect(clips(page, "user")).to_have_count(1)
-    wait_for(lambda: any(p["ended"] for p in page.evaluate("() => window.__call.pauses")), 40,
-             "the reply to play to its end")
+    page = long_reply_call(call_page, monkeypatch, tmp_path, "cough.wav", audio)
+    sync_expect()(clips(page, "user")).to_have_count(1)
+    wait_for(lambda: any(p["ended"] for p in replies(page)["pauses"]), 40, "the reply to play to its end")
     onset = onset_of(page, len(question) / SR - spans[0][0])
-    probe, log = page.evaluate("() => window.__call"), meter_log(page)
-    assert any(p < onset for p in probe["plays"]), f"the reply was playing when the cough came {probe}"
-    assert not any(p["ended"] and p["t"] < onset for p in probe["pauses"]), f"the reply had already ended {probe}"
-    paused = [p["t"] for p in probe["pauses"] if p["t"] > onset and not p["ended"]]
-    assert paused, f"the cough did not pause the reply (the meter missed it): {probe} {log}"
-    resumed = [t for t in probe["plays"] if t > paused[0]]
-    assert resumed, f"the reply never resumed: {probe} {log}"
-    gap = (resumed[0] - paused[0]) / 1000
+    record, paused = paused_by(page, onset)
+    log = meter_log(page)
+    resumed = [t for t in record["plays"] if t > paused]
+    assert resumed, f"the reply never resumed: {record} {log}"
+    gap = (resumed[0] - paused) / 1000
     after = [entry for entry in log if entry["t"] > onset]
-    print(f"\ncough: onset -> pause {paused[0] - onset:.0f} ms, paused for {gap * 1000:.0f} ms "
+    print(f"\ncough: onset -> pause {paused - onset:.0f} ms, paused for {gap * 1000:.0f} ms "
           f"({after[1]['kind'] if len(after) > 1 else '?'})")
     kinds = [entry["kind"].split()[0] for entry in after]
     assert kinds[:2] == ["pause", "resume"] and "confirmed" not in kinds, log
     # Resumed once the server had heard the cough out (typically under a second), and well within the limit.
-    assert gap < TENTATIVE_BARGE_IN["max_hold_ms"] / 1000 + 0.5, f"paused too long {probe} {log}"
+    assert gap < TENTATIVE_BARGE_IN["max_hold_ms"] / 1000 + 0.5, f"paused too long {record} {log}"
     texts = bot_texts(page)
     assert len(texts) == 1 and "word0" in texts[0] and "interrupted" not in texts[0], texts
-    expect(clips(page, "bot")).to_have_count(1)  # the whole reply's clip; the cough was no turn
+    sync_expect()(clips(page, "bot")).to_have_count(1)  # the whole reply's clip; the cough was no turn
     assert len(clips(page, "user").all()) == 1
     hang_up(page)
 
@@ -564,8 +612,8 @@ def test_the_page_meter_pauses_for_a_voice_at_once_and_resumes_after_a_cough(app
     kinds = {name: [kind for _, kind in run["kinds"]] for name, run in runs.items()}
     at = {name: {kind: t for t, kind in run["kinds"]} for name, run in runs.items()}
     tick = cfg["tick_ms"]
-    # A voice over the reply (from 1 s): paused after hold_ms; the server then hears speech: it stays paused.
-    assert kinds["voice"] == ["start", "pause", "confirmed"] and runs["voice"]["paused"]
+    # A voice over the reply (from 1 s): paused after hold_ms; the server then hears speech: the reply is cut.
+    assert kinds["voice"] == ["start", "pause", "confirmed"] and runs["voice"]["paused"] and runs["voice"]["cuts"] == 1
     assert cfg["hold_ms"] <= runs["voice"]["pause_ms"] <= cfg["hold_ms"] + 2 * tick
     # A 200 ms cough: paused, then resumed as soon as the server has heard its minimum speech length after the
     # cough began (plus the slack) without hearing speech.
