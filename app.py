@@ -508,7 +508,7 @@ CALL_PLAYER_JS = """
 if (!window.mingCallPlayer) window.mingCallPlayer = (() => {
   const LEAD_S = 0.03;  // the first piece starts this far ahead of the audio clock: room to schedule it
   const log = [];
-  const note = (kind, t) => { log.push({t: t === undefined ? performance.now() : t, kind}); if (log.length > 300) log.shift(); };
+  const note = (kind, t = performance.now()) => { log.push({t, kind}); if (log.length > 300) log.shift(); };
   const label = element.querySelector('.call-player-state');
   const show = (text) => { if (label) label.textContent = text; };
   let context = null, out = null, callId = null, polling = false;

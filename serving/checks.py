@@ -147,22 +147,26 @@ def check_video(path: str) -> float:
     return seconds
 
 
-def check_audio(path: str, max_seconds: float) -> np.ndarray:
-    """The waveform (float32, 16 kHz), after a length check (from the header, before decoding) and a silence
-    check. The caller keeps the waveform: the file is decoded once."""
-    name = os.path.basename(path)
+def read_audio(path: str, max_seconds: float) -> np.ndarray:
+    """The waveform (float32, 16 kHz), after a length check (from the header, before decoding)."""
     try:
         seconds = audio_duration(path)
         if seconds > max_seconds:
-            raise UserError(f"'{name}' is {format_duration(seconds)} long; the limit here is "
+            raise UserError(f"'{os.path.basename(path)}' is {format_duration(seconds)} long; the limit here is "
                              f"{format_duration(max_seconds)}.", title="Recording too long")
-        waveform = load_audio(path)
+        return load_audio(path)
     except MediaError as error:
         raise UserError(f"{str(error).rstrip('.')}. Record again, or pick another file (WAV, MP3, OGG…).",
                         title="Unreadable audio") from None
+
+
+def check_audio(path: str, max_seconds: float) -> np.ndarray:
+    """The waveform (float32, 16 kHz), after a length check (from the header, before decoding) and a silence
+    check. The caller keeps the waveform: the file is decoded once."""
+    waveform = read_audio(path, max_seconds)
     if loudest_window_dbfs(waveform) < SILENCE_DBFS:
-        raise UserError(f"'{name}' is silent: there is no speech to hear. Check the microphone, or pick another "
-                         "file.", title="Silent audio")
+        raise UserError(f"'{os.path.basename(path)}' is silent: there is no speech to hear. Check the microphone, or "
+                         "pick another file.", title="Silent audio")
     return waveform
 
 

@@ -87,18 +87,23 @@ class SpeechStarted:
 
 
 @dataclass(frozen=True, eq=False)
-class TurnEnded:
-    """A finished utterance. `audio` is 16 kHz mono float32 from `audio_start_s` (onset minus pre-roll)."""
-    audio: np.ndarray
+class Utterance:
+    """What the detector made of a sound it took for speech (audio seconds); the events about one extend it."""
     start_s: float          # speech onset
     end_s: float            # where speech stopped (for "max_length", where it was cut)
-    reason: str             # "pause" | "max_length" | "end_of_stream"
-    detected_at_s: float    # when the detector decided (end_s + the pause, for "pause")
-    audio_start_s: float
+    reason: str             # why it ended: "pause" | "max_length" | "end_of_stream", or "too_short" (ignored)
 
     @property
     def duration_s(self) -> float:
         return self.end_s - self.start_s
+
+
+@dataclass(frozen=True, eq=False)
+class TurnEnded(Utterance):
+    """A finished utterance. `audio` is 16 kHz mono float32 from `audio_start_s` (onset minus pre-roll)."""
+    audio: np.ndarray
+    detected_at_s: float    # when the detector decided (end_s + the pause, for "pause")
+    audio_start_s: float
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (no audio), e.g. for an API endpoint."""
@@ -108,10 +113,8 @@ class TurnEnded:
 
 
 @dataclass(frozen=True)
-class SpeechIgnored:
+class SpeechIgnored(Utterance):
     """A sound the VAD took for speech but that was too short to be a turn (a cough, a click)."""
-    start_s: float
-    end_s: float
     reason: str = "too_short"
 
 
@@ -136,12 +139,9 @@ class BargeIn:
 
 
 @dataclass(frozen=True)
-class TurnQueued:
-    """Turn `turn_index` is waiting for its reply (run `CallSession.run_reply`)."""
+class TurnQueued(Utterance):
+    """The utterance is turn `turn_index`, waiting for its reply (run `CallSession.run_reply`)."""
     turn_index: int
-    start_s: float
-    end_s: float
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -654,7 +654,7 @@ class CallSession:
         self._pending = turn
         self._state = CallState.THINKING
         self._lock.notify_all()
-        return TurnQueued(turn.index, event.start_s, event.end_s, event.reason)
+        return TurnQueued(event.start_s, event.end_s, event.reason, turn_index=turn.index)
 
     def _settle(self, at_s: float | None = None) -> None:
         # A finished reply keeps the call "speaking" until its audio has played out in the browser.

@@ -48,7 +48,8 @@ const results = {};
     a.until(1000, {lag: 700});
     a.level = 0.1; a.until(1300, {lag: 700}); const pausedAt = a.meter.log.find(e => e.kind === 'pause');
     a.until(2000, {lag: 700}); a.until(4000, {lag: 700, speech: true}); a.level = 0.0003; a.until(12000, {lag: 700});
-    results.voice = {pause_ms: pausedAt && pausedAt.t - 1000, kinds: a.kinds(), paused: !a.el.playing(), cuts: a.el.cuts};
+    results.voice = {pause_ms: pausedAt && pausedAt.t - 1000, kinds: a.kinds(), paused: !a.el.playing(),
+      cuts: a.el.cuts};
   });
   // A 200 ms cough, the server 0.7 s behind: paused, then resumed once the server has heard it out.
   await run(async (a) => {

@@ -54,17 +54,6 @@ def serve():
     return space
 
 
-@pytest.fixture(scope="module")
-def app():
-    space = serve()
-    return space, space.demo.local_url
-
-
-@pytest.fixture
-def client(app):
-    return Client(app[1], verbose=False)
-
-
 def chat_args(text: str = "Hello", files=(), speak: bool = False, max_new_tokens: int = 12, **kwargs) -> dict:
     return dict(message={"text": text, "files": [handle_file(f) for f in files]}, speak=speak,
                 max_new_tokens=max_new_tokens, api_name="/chat", **kwargs)

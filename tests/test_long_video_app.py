@@ -93,11 +93,6 @@ def app():
 
 
 @pytest.fixture
-def client(app):
-    return Client(app[1], verbose=False)
-
-
-@pytest.fixture
 def encoder(monkeypatch):
     """Every encoding the app starts: (video file name, how it ended)."""
     calls: list[list[str]] = []

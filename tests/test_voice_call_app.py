@@ -28,31 +28,21 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.test_app import EXAMPLES, message_files, message_texts, serve
+from tests.test_app import EXAMPLES, message_files, message_texts
+from tests.test_voice_call import SR, floor, load_speech
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-SR = 16000
 QUESTION = os.path.join(EXAMPLES, "audio", "capital_question.wav")
 REQUEST = os.path.join(EXAMPLES, "audio", "describe_request.wav")
 STORY = os.path.join(EXAMPLES, "audio", "robot_story_request.wav")
 
 
 # ------------------------------------------------------------------------------------------------------ test audio
-def speech(path: str) -> np.ndarray:
-    """A speech file at 16 kHz cut to where it is audible (10 ms frames above -40 dBFS): its extent is known."""
-    data, rate = soundfile.read(path, dtype="float32")
-    assert rate == SR
-    frames = data[:len(data) // 160 * 160].reshape(-1, 160)
-    loud = np.flatnonzero(np.sqrt((frames ** 2).mean(axis=1)) > 0.01)
-    return data[loud[0] * 160:(loud[-1] + 1) * 160]
-
-
-def quiet(seconds: float, seed: int = 0) -> np.ndarray:
-    """A quiet microphone: a faint noise floor, not digital zeros."""
-    return (3e-4 * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
+speech = load_speech  # a speech file cut to where it is audible: its extent is known
+quiet = floor         # a quiet microphone: a faint noise floor, not digital zeros
 
 
 def call_audio(*parts) -> tuple[np.ndarray, list[tuple[float, float]]]:
@@ -74,17 +64,7 @@ def write_wav(folder, name: str, audio: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- the API
-@pytest.fixture(scope="module")
-def app():
-    space = serve()
-    return space, space.demo.local_url
-
-
-@pytest.fixture
-def client(app):
-    return Client(app[1], verbose=False)
-
-
+# `app` and `client`: tests/conftest.py
 def test_voice_call_endpoints_are_public(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/voice_call_turns", "/voice_call"} <= set(endpoints)

@@ -11,19 +11,13 @@ import pytest
 import soundfile
 import torch
 
-from tests.test_app import EXAMPLES, chat_args, message_files, serve
+from tests.test_app import EXAMPLES, chat_args, message_files
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 SAMPLE = os.path.join(EXAMPLES, "audio", "robot_story_request.wav")
-
-
-@pytest.fixture(scope="module")
-def app():
-    space = serve()
-    return space, space.demo.local_url
 
 
 def copy_of(path: str, folder) -> str:
