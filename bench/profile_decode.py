@@ -2,8 +2,9 @@
 
     python -m bench.profile_decode
 
-1. Tunes the decode kernels on full-size shapes, each replayed from a CUDA graph (so launch cost is out): the two
-   MoE kernels per block shape, and the Triton GEMV against cuBLAS for the attention and head projections.
+1. Tunes the decode kernels on full-size shapes, each replayed from a CUDA graph (so launch cost is out): the
+   Triton GEMV against cuBLAS for the attention and head projections, the attention's chunk (the MoE kernels:
+   `python -m bench.moe --tune`).
 2. Decode tokens/s of the CUDA-graph step, then a per-kernel profile of eager steps.
 """
 
@@ -30,22 +31,6 @@ def bench_us(fn) -> float:
     from triton.testing import do_bench_cudagraph
 
     return 1000 * do_bench_cudagraph(fn, rep=100)
-
-
-def tune_moe() -> None:
-    E, I, H, k, shared_I = 64, 1408, 2048, 6, 2816
-    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
-    w_gate, w_up = (torch.randn(E, I, H, **bf16) / 45 for _ in range(2))
-    w_down = torch.randn(E, H, I, **bf16) / 38
-    shared = (torch.randn(shared_I, H, **bf16) / 45, torch.randn(shared_I, H, **bf16) / 45, torch.randn(H, shared_I, **bf16) / 53)
-    x, residual = torch.randn(1, H, **bf16), torch.randn(1, H, **bf16)
-    weight, idx = torch.randn(1, E, device="cuda").softmax(-1).topk(k)
-    gigabytes = 3 * (k * I + shared_I) * H * 2 / 1e9
-    for part in ("gate_up_blocks", "down_blocks"):
-        for blocks in BLOCK_CANDIDATES:
-            tuning = dataclasses.replace(kernels.DEFAULT_TUNING, **{part: blocks})
-            us = bench_us(lambda: kernels.moe_gemv(x, idx, weight, w_gate, w_up, w_down, shared, residual, tuning))
-            print(f"moe ({part} {blocks}): {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
 
 
 def tune_gemv() -> None:
@@ -116,9 +101,8 @@ def profile_eager_steps(model: MingOmni, steps: int = 10) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--try", dest="variants", action="append", default=[], metavar="JSON",
-                        help='kernel settings to time end to end besides the defaults, e.g. {"down_blocks": [8, 256, 4]}')
+                        help='kernel settings to time end to end besides the defaults, e.g. {"sorted_moe_blocks": [16, 64, 64, 4, 4]}')
     args = parser.parse_args()
-    tune_moe()
     tune_gemv()
     tune_attention()
     model = MingOmni.from_config(RELEASE_CONFIG, device="cuda", dtype=torch.bfloat16)

@@ -52,15 +52,15 @@ class DecodeStep:
     Owns the input buffers, and the static cache unless given one (the scheduler's steps of several batch sizes
     share the first rows of one slotted cache), so the same step can be replayed from a CUDA graph. Each row has
     its own slot, so rows at different points of their sequences decode together; the row's valid slots must all
-    be at or before its new one."""
+    be at or before its new one. A row that only fills the batch (`keep` False) leaves its slot invalid again."""
 
     def __init__(self, llm: BailingMoeForCausalLM, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device, capture: bool, cache: KVCache | None = None):
         self.llm = llm
         self.cache = cache if cache is not None else llm.new_cache(batch, capacity, dtype, device)
-        self.token = torch.zeros(batch, dtype=torch.long, device=device)
-        self.position = torch.zeros(batch, dtype=torch.long, device=device)
-        self.index = torch.zeros(batch, dtype=torch.long, device=device)
+        # token, position, slot and keep (1/0) of every row in one buffer: one host-to-device copy per step.
+        self.inputs = torch.zeros(4, batch, dtype=torch.long, device=device)
+        self.token, self.position, self.index, self.keep = self.inputs
         if capture:
             llm.normalize_head_()  # mutates the weight: never inside a capture
         self.run = CapturedStep(self._step, device) if capture else self._step
@@ -71,16 +71,21 @@ class DecodeStep:
         embeds = self.llm.model.word_embeddings(self.token[:, None])
         hidden = self.llm.model(embeds, self.position[:, None], decode_mask(self.cache.valid), None, self.cache,
                                 slots, final_norm=False)
+        self.cache.valid.scatter_(1, slots, self.keep[:, None] != 0)
         return self.llm.logits(hidden[:, -1], norm=self.llm.model.norm)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, index: int | torch.Tensor) -> torch.Tensor:
-        """index: one slot for all rows, or [B] slots, one per row."""
-        self.token.copy_(tokens)
-        self.position.copy_(positions)
-        if isinstance(index, int):
-            self.index.fill_(index)
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, index: int | torch.Tensor,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        """index: one slot for all rows, or [B] slots, one per row; keep: [B] (default: every row)."""
+        B = self.inputs.shape[1]
+        index = torch.full((B,), index) if isinstance(index, int) else index
+        keep = torch.ones(B, dtype=torch.long) if keep is None else keep
+        rows = (tokens, positions, index, keep)
+        if all(row.device.type == "cpu" for row in rows):
+            self.inputs.copy_(torch.stack([row.long() for row in rows]))
         else:
-            self.index.copy_(index)
+            for buffer, row in zip(self.inputs, rows):
+                buffer.copy_(row)
         return self.run()
 
 

@@ -1,15 +1,17 @@
-"""Triton kernels for batch-1 decoding on a GPU.
+"""Triton kernels for decoding on a GPU (1 to 64 rows a step).
 
-A decode step is memory-bound (read ~5 GB of weights) and, in plain PyTorch, also launch-bound: about 1,800 small
-kernels per token. These kernels bring a layer down to eight launches that read each weight once:
+A decode step is memory-bound (read ~5 GB of weights at one row, up to all ~33 GB at tens of rows) and, in plain
+PyTorch, also launch-bound: about 1,800 small kernels per token. These kernels read each weight once per step:
 - QKV projection with the input RMSNorm inside it (a GEMV: faster than cuBLAS at one token), RoPE applied in
-  place that also writes the KV cache, flash-decoding attention (partial + combine), the output projection;
+  place that also writes the KV cache, flash-decoding attention (partial + combine) that reads each row only up
+  to its own length, the output projection;
 - the residual add + post-attention norm + router gate + softmax/top-k in one kernel;
-- the MoE as two gathered GEMVs: indexing the stacked expert weights by the routing reads exactly the chosen
-  experts' rows, once, with no sort, gather copy or host sync (so the step stays in a CUDA graph); the shared
-  expert runs alongside as more "experts"; the down projection ends with the weighted sum and the residual add.
-Where one kernel needs all its programs' results (the routing, the expert sum), the last program to finish does the
-reduction, found with an atomic ticket, instead of a separate launch.
+- the MoE with its (row, expert) pairs sorted by expert in blocks: each chosen expert's weights are read once for
+  all the rows that chose it, on tensor cores, the shared expert alongside as more blocks, the weighted sum and the
+  residual add in a last small kernel; no host sync, so the step stays in a CUDA graph.
+The GEMV kernels serve up to `ming.layers.FEW_TOKENS` rows (cuBLAS above that); the MoE and attention kernels serve
+every decode batch. Where one kernel needs all its programs' results (the routing), the last program to finish does
+the reduction, found with an atomic ticket, instead of a separate launch.
 Prefill (many tokens) uses grouped GEMMs and plain PyTorch ops instead (ming/llm.py). The CPU path never uses this
 file; tests/test_cuda.py pins every kernel to the plain PyTorch ops it replaces.
 """
@@ -67,91 +69,13 @@ def _swiglu_rows(x_row, gate_ptr, up_ptr, rows, K: tl.constexpr, N: tl.constexpr
 
 
 @triton.jit
-def _moe_gate_up_kernel(
-    x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
-    H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+def _swiglu_gate_up_kernel(x_ptr, w_gate_ptr, w_up_ptr, h_ptr, H: tl.constexpr, I: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     token = tl.program_id(0)
-    block = tl.program_id(1)  # TOP_K slots of I // BLOCK_N blocks each, then the shared expert's blocks
-    SLOT_BLOCKS: tl.constexpr = (I + BLOCK_N - 1) // BLOCK_N
-    x_row = x_ptr + token * H
-    h_row = h_ptr + token * (TOP_K * I + I_SHARED)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dtype = h_ptr.dtype.element_ty
-    if block < TOP_K * SLOT_BLOCKS:
-        slot = block // SLOT_BLOCKS
-        expert = tl.load(idx_ptr + token * TOP_K + slot).to(tl.int64)
-        rows = (block % SLOT_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        base = expert * I * H
-        h = _swiglu_rows(x_row, w_gate_ptr + base, w_up_ptr + base, rows, H, I, BLOCK_N, BLOCK_K, dtype)
-        tl.store(h_row + slot * I + rows, h.to(dtype), mask=rows < I)
-    else:
-        rows = (block - TOP_K * SLOT_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
-        h = _swiglu_rows(x_row, s_gate_ptr, s_up_ptr, rows, H, I_SHARED, BLOCK_N, BLOCK_K, dtype)
-        tl.store(h_row + TOP_K * I + rows, h.to(dtype), mask=rows < I_SHARED)
-
-
-@triton.jit
-def _down_rows(h_row, w_ptr, rows, K: tl.constexpr, N: tl.constexpr, STRIDE: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """`rows` of K columns of a down projection (row stride STRIDE) applied to h [K]: float32 [BLOCK_N]."""
-    row_ok = rows < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        h = tl.load(h_row + cols, mask=col_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * STRIDE + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * h[None, :]
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _moe_down_kernel(
-    h_ptr, idx_ptr, weight_ptr, w_down_ptr, s_down_ptr, residual_ptr, partial_ptr, ticket_ptr, out_ptr,
-    H: tl.constexpr, I: tl.constexpr, I_SHARED: tl.constexpr, TOP_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    token = tl.program_id(0)
-    block = tl.program_id(1)
-    # One slot per chosen expert, then the shared expert cut into I-column pieces: every program reads as much.
-    slot = tl.program_id(2)
-    SLOTS: tl.constexpr = TOP_K + I_SHARED // I
-    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < H
-    h_row = h_ptr + token * (TOP_K * I + I_SHARED) + slot * I
-    dtype = out_ptr.dtype.element_ty
-    if slot < TOP_K:
-        expert = tl.load(idx_ptr + token * TOP_K + slot).to(tl.int64)
-        weight = tl.load(weight_ptr + token * TOP_K + slot)
-        w_ptr = w_down_ptr + expert * H * I
-        # Each expert's output is rounded (as its own linear layer would be) before the router weight.
-        y = _down_rows(h_row, w_ptr, rows, I, H, I, BLOCK_N, BLOCK_K).to(dtype).to(tl.float32) * weight
-    else:
-        y = _down_rows(h_row, s_down_ptr + (slot - TOP_K) * I, rows, I, H, I_SHARED, BLOCK_N, BLOCK_K)
-    partial_rows = partial_ptr + (token * SLOTS) * H + rows
-    tl.store(partial_rows + slot * H, y, mask=row_ok)
-    # The last of the SLOTS programs on these rows (whichever it is) sums all the partials, always in slot order
-    # so the result is deterministic, and resets the ticket for the next launch. This keeps the split over
-    # experts (enough programs to fill the GPU) without a separate combine kernel.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr + token * tl.num_programs(1) + block, 1, sem="acq_rel")
-    if ticket == SLOTS - 1:
-        # Routed outputs summed in float32 with their weights, then rounded (as the release does); the shared
-        # expert's pieces summed in float32 and rounded once, as one linear layer.
-        routed = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for s in tl.static_range(TOP_K):
-            routed += tl.load(partial_rows + s * H, mask=row_ok, other=0.0, cache_modifier=".cg")
-        out = routed.to(dtype)
-        if SLOTS > TOP_K:
-            shared = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for s in tl.static_range(TOP_K, SLOTS):
-                shared += tl.load(partial_rows + s * H, mask=row_ok, other=0.0, cache_modifier=".cg")
-            out = out + shared.to(dtype)
-        if HAS_RESIDUAL:
-            out = out + tl.load(residual_ptr + token * H + rows, mask=row_ok, other=0.0)
-        tl.store(out_ptr + token * H + rows, out, mask=row_ok)
-        tl.atomic_xchg(ticket_ptr + token * tl.num_programs(1) + block, 0)
+    h = _swiglu_rows(x_ptr + token * H, w_gate_ptr, w_up_ptr, rows, H, I, BLOCK_N, BLOCK_K, dtype)
+    tl.store(h_ptr + token * I + rows, h.to(dtype), mask=rows < I)
 
 
 @functools.cache
@@ -171,8 +95,7 @@ class KernelTuning:
     the attention. Picked with bench/profile_decode.py on an H100; a layer holds one and passes it to each call."""
 
     gemv_blocks: tuple[int, int, int] = (4, 512, 4)  # qkv, dense and the head
-    gate_up_blocks: tuple[int, int, int] = (16, 128, 2)
-    down_blocks: tuple[int, int, int] = (8, 128, 2)
+    gate_up_blocks: tuple[int, int, int] = (16, 128, 2)  # a dense MLP's gate/up (the talker's)
     decode_attention_chunk: int = 64
     sorted_moe_blocks: tuple[int, int, int, int, int] = (16, 64, 128, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
 
@@ -180,69 +103,8 @@ class KernelTuning:
 DEFAULT_TUNING = KernelTuning()
 
 
-def _gate_up(x, topk_idx, w_gate, w_up, shared, tuning: KernelTuning) -> torch.Tensor:
-    """silu(gate) * up of every chosen expert, then of the shared one: [T, top_k * I + I_shared]."""
-    T, H = x.shape
-    I, top_k = w_gate.shape[1], topk_idx.shape[1]
-    s_gate, s_up = shared[:2] if shared is not None else (w_gate, w_up)
-    i_shared = s_gate.shape[0] if shared is not None else 0
-    h = torch.empty(T, top_k * I + i_shared, dtype=x.dtype, device=x.device)
-    bn, bk, warps = tuning.gate_up_blocks
-    bn, bk = min(bn, triton.next_power_of_2(I)), min(bk, triton.next_power_of_2(H))
-    blocks = top_k * triton.cdiv(I, bn) + triton.cdiv(i_shared, bn)
-    _moe_gate_up_kernel[(T, blocks)](
-        x.contiguous(), topk_idx, w_gate, w_up, s_gate, s_up, h, H=H, I=I, I_SHARED=i_shared, TOP_K=top_k,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )
-    return h
-
-
-def moe_gemv(
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weight: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    residual: torch.Tensor | None = None,
-    tuning: KernelTuning = DEFAULT_TUNING,
-) -> torch.Tensor:
-    """The MoE block for a few tokens in two kernels, reading only the chosen experts' weights.
-
-    x [T, H]; topk_idx / topk_weight [T, k]; stacked weights gate/up [E, I, H], down [E, H, I]; optional shared
-    expert (gate, up [I_s, H], down [H, I_s]). Returns [T, H] in x's dtype, plus `residual` [T, H] if given.
-
-    The first kernel runs gate/up/SiLU for every chosen expert and the shared one; the second the down
-    projections, split by expert so the work fills the GPU, then (in the last program on each block of rows) the
-    weighted sum, the shared expert's output and the residual add. No sort, gather copy or host sync."""
-    T, H = x.shape
-    I = w_gate.shape[1]
-    top_k = topk_idx.shape[1]
-    i_shared = shared[0].shape[0] if shared is not None else 0
-    if i_shared % I:
-        raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
-    s_down = shared[2] if shared is not None else w_down
-    topk_idx, topk_weight = topk_idx.contiguous(), topk_weight.float().contiguous()
-    h = _gate_up(x, topk_idx, w_gate, w_up, shared, tuning)
-    out = torch.empty_like(x)
-    bn, bk, warps = tuning.down_blocks
-    bn, bk = min(bn, triton.next_power_of_2(H)), min(bk, triton.next_power_of_2(I))
-    slots = top_k + i_shared // I
-    partial = torch.empty(T, slots, H, dtype=torch.float32, device=x.device)
-    tickets = _tickets(x)
-    if T * triton.cdiv(H, bn) > tickets.numel():
-        raise ValueError(f"moe_gemv is for a few tokens at a time, got {T}")
-    _moe_down_kernel[(T, triton.cdiv(H, bn), slots)](
-        h, topk_idx, topk_weight, w_down, s_down, residual.reshape(T, H).contiguous() if residual is not None else x,
-        partial, tickets, out, H=H, I=I, I_SHARED=i_shared, TOP_K=top_k, HAS_RESIDUAL=residual is not None,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )
-    return out
-
-
-# ------------------------------------------------------------------------------ MoE for a decode batch (tens of rows)
-# With tens of rows, most experts are chosen by a few rows each: per-row GEMVs would read an expert once per row, a
+# ------------------------------------------------------------------------------------- MoE for a decode batch
+# In a decode batch most experts are chosen by a few rows each: per-row GEMVs would read an expert once per row, a
 # grouped GEMM of the prompt path is built for hundreds of rows. Here the (row, expert) pairs are sorted by expert
 # into blocks of BLOCK_M (the idea of vLLM's fused MoE kernel); each block multiplies its rows by its expert's
 # weights on tensor cores, so every chosen expert is read once per step. The shared expert joins as more blocks,
@@ -363,8 +225,8 @@ def _sum_experts_kernel(partial_ptr, residual_ptr, out_ptr, T: tl.constexpr, TOP
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = n < H
     dtype = out_ptr.dtype.element_ty
-    # The same sums and roundings as the few-token kernel: routed outputs in slot order in float32, rounded once;
-    # the shared expert's pieces in float32, rounded once, as one linear layer.
+    # Routed outputs summed in slot order in float32 (deterministic), rounded once; the shared expert's pieces
+    # summed in float32, rounded once, as one linear layer.
     routed = tl.zeros([BLOCK], dtype=tl.float32)
     for s in tl.static_range(TOP_K):
         routed += tl.load(partial_ptr + (token * TOP_K + s) * H + n, mask=ok, other=0.0)
@@ -390,10 +252,12 @@ def moe_sorted(
     residual: torch.Tensor | None = None,
     tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
-    """The MoE block for a decode batch (tens of rows), reading each chosen expert once for all its rows.
+    """The MoE block for a decode batch (1 to 64 rows), reading each chosen expert once for all its rows.
 
-    Arguments and result as for `moe_gemv`: x [T, H]; topk_idx / topk_weight [T, k]; stacked gate/up [E, I, H],
-    down [E, H, I]; optional shared expert (gate, up [I_s, H], down [H, I_s]) and residual [T, H]. Same roundings."""
+    x [T, H]; topk_idx / topk_weight [T, k]; stacked weights gate/up [E, I, H], down [E, H, I]; optional shared
+    expert (gate, up [I_s, H], down [H, I_s]). Returns [T, H] in x's dtype, plus `residual` [T, H] if given. Each
+    projection is rounded to x's dtype as its own linear layer would be; the routed outputs are summed in float32
+    with their weights and rounded once, as the release does."""
     T, H = x.shape
     E, I = w_gate.shape[0], w_gate.shape[1]
     top_k = topk_idx.shape[1]
@@ -436,19 +300,19 @@ def moe_sorted(
     return out
 
 
-@functools.cache
-def _one_expert(tokens: int, device: torch.device) -> torch.Tensor:
-    return torch.zeros(tokens, 1, dtype=torch.long, device=device)
-
-
 def mlp_gemv(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     residual: torch.Tensor | None = None, tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
-    """A SwiGLU MLP (gate/up [I, H], down [H, I]) for a few tokens x [T, H], plus `residual`: gate/up through the
-    MoE kernel with one expert, the down projection as a GEMV (one expert alone would not fill the GPU with the
-    MoE's split-by-expert down kernel)."""
-    h = _gate_up(x, _one_expert(x.shape[0], x.device), w_gate[None], w_up[None], None, tuning)
+    """A SwiGLU MLP (gate/up [I, H], down [H, I]) for a few tokens x [T, H], plus `residual`: gate, up and SiLU in
+    one GEMV kernel, then the down projection as a GEMV."""
+    T, H = x.shape
+    I = w_gate.shape[0]
+    h = torch.empty(T, I, dtype=x.dtype, device=x.device)
+    bn, bk, warps = tuning.gate_up_blocks
+    bn, bk = min(bn, triton.next_power_of_2(I)), min(bk, triton.next_power_of_2(H))
+    _swiglu_gate_up_kernel[(T, triton.cdiv(I, bn))](x.contiguous(), w_gate, w_up, h, H=H, I=I, BLOCK_N=bn, BLOCK_K=bk,
+                                                    num_warps=warps)
     return gemv(h, w_down, residual=residual, tuning=tuning)
 
 

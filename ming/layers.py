@@ -28,7 +28,7 @@ except ImportError:
     kernels = None
     DEFAULT_TUNING = KernelTuning = None
 
-FEW_TOKENS = 8  # at most this many rows take the fused decode kernels; more rows take the prompt path
+FEW_TOKENS = 8  # at most this many rows take the fused GEMV kernels; more rows take cuBLAS
 DECODE_BATCH = 64  # up to this many rows, the MoE reads its experts through the decode kernels (not grouped GEMMs)
 
 
@@ -44,16 +44,15 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def few_tokens(x: torch.Tensor) -> bool:
-    """Whether activations x [..., H] take the fused decode kernels (GEMVs with the norm inside, add + norm +
-    route, the gathered-expert MoE). The one predicate for all of them, so a batch never mixes the two paths: up
-    to FEW_TOKENS rows, reading each chosen weight row per token wins; above it, the prompt path's GEMMs read each
-    weight once for all rows."""
+    """Whether activations x [..., H] take the fused GEMV kernels (projections with the norm inside, add + norm +
+    route). The one predicate for all of them: up to FEW_TOKENS rows, reading each weight row per token wins; above
+    it, cuBLAS GEMMs read each weight once for all rows."""
     return use_triton(x) and x.numel() // x.shape[-1] <= FEW_TOKENS
 
 
 def decode_batch(x: torch.Tensor) -> bool:
-    """Whether activations x [..., H] are a decode batch for the MoE's Triton kernels (up to DECODE_BATCH rows);
-    `few_tokens` then says which of the two (per-row GEMVs, or rows sorted by expert)."""
+    """Whether activations x [..., H] are a decode batch for the MoE's sorted-by-expert kernels (up to DECODE_BATCH
+    rows; more rows take the prompt path's grouped GEMMs)."""
     return use_triton(x) and x.numel() // x.shape[-1] <= DECODE_BATCH
 
 

@@ -213,12 +213,10 @@ class SparseMoeBlock(nn.Module, TunedKernels):
             routing = self.route(self.router_logits(flat, None if router_ids is None else router_ids.reshape(-1)))
         topk_idx, topk_weight = routing
         if decode_batch(x):
-            # A few rows: two kernels that read the chosen experts' rows per row. Tens of rows: the rows sorted by
-            # expert, each chosen expert read once for all of its rows. The shared expert runs alongside either way.
-            moe = kernels.moe_gemv if few_tokens(x) else kernels.moe_sorted
+            # The rows sorted by expert: each chosen expert read once for all of its rows, the shared one alongside.
             e, shared = self.experts, self.shared_experts
             shared_weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
-            y = moe(
+            y = kernels.moe_sorted(
                 flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights,
                 None if residual is None else residual.reshape(-1, H), self.kernel_tuning,
             )

@@ -6,10 +6,13 @@ Each admitted request gets a row. Every turn of the loop:
   1. requests that finished, were stopped or were abandoned leave at once, and the highest occupied row moves into
      the freed one (its used slots, valid flags, position and slot), so occupied rows stay packed at the bottom;
   2. waiting requests are admitted into free rows (the rest wait, and are told how many requests are ahead);
-  3. one request's prompt is embedded (media included) and prefilled into its row, one chunk of at most
+  3. the decode step launched last turn is read: each of its requests chooses its next token;
+  4. one request's prompt is embedded (media included) and prefilled into its row, one chunk of at most
      `prefill_chunk` tokens per turn, so that running streams never stall long for someone else's prompt;
-  4. one decode step feeds every decoding row its next token, each row at its own cache slot and position, with the
-     step captured for the smallest batch bucket (1, 2, 4, ... rows) covering the occupied rows.
+  5. the next decode step is launched: it feeds every decoding row its next token, each row at its own cache slot
+     and position, captured for the smallest batch bucket (1, 2, 4, ... rows) covering the occupied rows;
+  6. the tokens chosen in 3 go to their streams while that step runs, so the GPU never waits for the streams'
+     Python (waking a visitor's thread, taking the GIL) between steps.
 
 Each request keeps its own sampling settings, seed, max tokens, repetition guard and stop event, and streams its
 token ids through a `RequestStream`. Iteration-level scheduling and chunked prefill are the ideas of Orca, vLLM and
@@ -227,6 +230,9 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.peak_active = 0
         self.steps_run = 0
+        # The decode step launched last turn, not yet read: (logits, its decoding requests, their rows then).
+        self.in_flight: tuple[torch.Tensor, list[Request], list[int]] | None = None
+        self.outbox: list[tuple[RequestStream, str, object]] = []  # stream events of this turn, delivered after it
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="ming-scheduler", daemon=True)
@@ -292,8 +298,10 @@ class Scheduler:
                     self._turn()
                 except Exception as error:  # a step failed (out of memory, say): end every running request
                     log.exception("decode step failed")
+                    self.in_flight = None
                     for request in list(self.active):
                         self._finish(request, error=error)
+            self._deliver()  # while the GPU runs the step just launched
         for request in [*self.active, *self.waiting]:
             request.stream._put("end", "stopped")
 
@@ -316,9 +324,13 @@ class Scheduler:
                 request.stream._put("ahead", ahead)
 
     def _turn(self) -> None:
+        """Read the step in flight, prefill, launch the next step. The turn's tokens reach their streams after it
+        (`_deliver`), while that step runs: the GPU does not wait for the streams' Python."""
         for request in list(self.active):
             if request.stream.cancelled.is_set() or _stopped(request):
                 self._finish(request, "stopped")
+        if self.in_flight is not None:
+            self._read_step()
         # Up to `prefill_chunk` prompt tokens per turn, oldest request first: several short prompts share a turn.
         budget = self.prefill_chunk
         for request in [r for r in self.active if not r.decoding]:
@@ -330,7 +342,7 @@ class Scheduler:
                 log.exception("prefill failed")
                 self._finish(request, error=error)
         if any(r.decoding for r in self.active):
-            self._decode()
+            self._launch_step()
 
     # ---------------------------------------------------------------------------------------------- prefill
     def _prefill_chunk(self, request: Request, limit: int) -> int:
@@ -358,7 +370,7 @@ class Scheduler:
         logits = self.llm.logits(hidden[:, -1])
         states = torch.cat(request.states, dim=1) if request.keep_thinker_states else None
         request.embeds = request.router_ids = request.states = None  # free them now
-        request.stream._put("prefilled", states)
+        request.stream._put("prefilled", states)  # at once: it precedes the request's first token
         request.decoding = True
         request.slot = request.length
         request.position = int(request.positions[0, -1]) + 1
@@ -379,28 +391,39 @@ class Scheduler:
             request.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
 
     # ----------------------------------------------------------------------------------------------- decode
-    def _decode(self) -> None:
-        """One step for all occupied rows (the smallest captured bucket covering them). Rows still prefilling, and
-        the bucket's empty rows, feed a dummy token at their first unused slot (where nothing is yet, and which the
-        step's attention reads last), whose valid flag is cleared afterwards."""
+    def _launch_step(self) -> None:
+        """Launch one step for all occupied rows (the smallest captured bucket covering them); read it next turn.
+        Rows still prefilling, and the bucket's empty rows, feed a dummy token at their first unused slot (nothing
+        is there yet, and attention reads up to it), which the step leaves invalid."""
         n = len(self.active)
         batch = next(b for b in self.steps if b >= n)
-        tokens, positions, slots = [0] * batch, [0] * batch, [0] * batch
+        tokens, positions, slots, keep = [0] * batch, [0] * batch, [0] * batch, [0] * batch
         for request in self.active:
             slots[request.row] = request.used_slots
             if request.decoding:
-                tokens[request.row], positions[request.row] = request.token, request.position
-        logits = self.steps[batch](torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots))
-        idle = [row for row in range(batch) if row >= n or not self.active[row].decoding]
-        if idle:
-            self.cache.valid[idle, [slots[row] for row in idle]] = False
+                tokens[request.row], positions[request.row], keep[request.row] = request.token, request.position, 1
+        logits = self.steps[batch](*map(torch.tensor, (tokens, positions, slots, keep)))
         self.steps_run += 1
         decoding = [r for r in self.active if r.decoding]
-        for request in decoding:
+        for request in decoding:  # the step put this token at `slot`
             request.slot += 1
             request.position += 1
-        rows = torch.tensor([r.row for r in decoding], device=logits.device)
-        for request, token in zip(decoding, self._choose(decoding, logits.index_select(0, rows))):
+        self.in_flight = (logits, decoding, [r.row for r in decoding])
+
+    def _read_step(self) -> None:
+        """The launched step's next token for each of its requests still running (rows may have moved since)."""
+        logits, launched, rows = self.in_flight
+        self.in_flight = None
+        running = [(request, row) for request, row in zip(launched, rows) if request.reason is None]
+        if not running:
+            return
+        requests = [request for request, _ in running]
+        rows = [row for _, row in running]
+        if rows == list(range(len(rows))):
+            logits = logits[:len(rows)]
+        else:
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        for request, token in zip(requests, self._choose(requests, logits)):
             self._accept(request, token)
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
@@ -438,7 +461,7 @@ class Scheduler:
             return
         if request.guard is not None:
             request.guard.append(token)
-        request.stream._put("token", token)
+        self.outbox.append((request.stream, "token", token))
         if request.generated >= request.cfg.max_new_tokens:
             self._finish(request, "length")
             return
@@ -458,10 +481,13 @@ class Scheduler:
         self.cache.valid[len(self.active)].zero_()
         request.embeds = request.router_ids = request.states = None
         # Last: once a stream has ended, its row is already free for the next request.
-        if error is not None:
-            request.stream._put("error", error)
-        else:
-            request.stream._put("end", reason)
+        self.outbox.append((request.stream, "error", error) if error is not None else (request.stream, "end", reason))
+
+    def _deliver(self) -> None:
+        """Hand the turn's tokens and endings to their streams, in order."""
+        outbox, self.outbox = self.outbox, []
+        for stream, kind, value in outbox:
+            stream._put(kind, value)
 
     def _move(self, request: Request, row: int) -> None:
         """Copy a request's used slots and valid flags to `row` (lower than its own)."""
