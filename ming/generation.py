@@ -77,15 +77,20 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, index: int | torch.Tensor,
                  keep: torch.Tensor | None = None) -> torch.Tensor:
         """index: one slot for all rows, or [B] slots, one per row; keep: [B] (default: every row)."""
-        B = self.inputs.shape[1]
-        index = torch.full((B,), index) if isinstance(index, int) else index
-        keep = torch.ones(B, dtype=torch.long) if keep is None else keep
         rows = (tokens, positions, index, keep)
-        if all(row.device.type == "cpu" for row in rows):
-            self.inputs.copy_(torch.stack([row.long() for row in rows]))
+        if all(isinstance(row, torch.Tensor) and row.device.type == "cpu" for row in rows):
+            self.inputs.copy_(torch.stack([row.long() for row in rows]))  # the scheduler's case: one copy
+            return self.run()
+        self.token.copy_(tokens)
+        self.position.copy_(positions)
+        if isinstance(index, int):
+            self.index.fill_(index)
         else:
-            for buffer, row in zip(self.inputs, rows):
-                buffer.copy_(row)
+            self.index.copy_(index)
+        if keep is None:
+            self.keep.fill_(1)
+        else:
+            self.keep.copy_(keep)
         return self.run()
 
 

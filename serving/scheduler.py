@@ -22,11 +22,15 @@ SGLang; this is our own code on `ming.generation`'s pieces.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import heapq
+import itertools
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -513,15 +517,16 @@ class SharedSpeech:
     one lock (graph captures also take `CAPTURE_LOCK`, inside `CapturedStep`, so they never overlap the decode
     loop's GPU work); a reply whose talker prefix was overwritten by another reply's since its last sentence runs its
     prefix again first (one short prefill), so replies interleave sentence by sentence and each stays exactly
-    what it would be alone."""
+    what it would be alone. The lock goes to the reply whose listener runs out of audio first: replies that have
+    not spoken yet (by arrival), then the one with the least audio left to play (earliest deadline first)."""
 
     def __init__(self, speech):
         from ming.speech import SpeechGenerator
 
-        self.lock = threading.RLock()
-        self.speech = SpeechGenerator(_TalkerTurns(speech.talker, self.lock), speech.codec,
-                                      _LockedDetokenizer(speech.detokenizer, self.lock), speech.voice_bank,
-                                      speech.max_new_tokens)
+        self.lock = EarliestDeadlineLock()
+        talker = _TalkerTurns(speech.talker, self.lock)
+        self.speech = SpeechGenerator(talker, speech.codec, _LockedDetokenizer(speech.detokenizer, talker),
+                                      speech.voice_bank, speech.max_new_tokens)
 
     def stream(self, *args, **kwargs):
         return self.speech.stream(*args, **kwargs)
@@ -530,18 +535,65 @@ class SharedSpeech:
         return getattr(self.speech, name)
 
 
+class EarliestDeadlineLock:
+    """A reentrant lock that, when released, goes to the waiting thread with the earliest deadline (ties: first
+    come). Python's locks wake waiters in no promised order, which let one reply's later sentences starve another
+    reply's first one."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting: list[tuple[float, int]] = []  # a heap of (deadline, ticket)
+        self._tickets = itertools.count()
+
+    @contextlib.contextmanager
+    def hold(self, deadline: float):
+        me = threading.get_ident()
+        with self._changed:
+            if self._owner != me:
+                entry = (deadline, next(self._tickets))
+                heapq.heappush(self._waiting, entry)
+                while self._owner is not None or self._waiting[0] != entry:
+                    self._changed.wait()
+                heapq.heappop(self._waiting)
+                self._owner = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+                    self._changed.notify_all()
+
+
 @dataclass(eq=False)
 class _LazyContext:
-    """A reply's talker prefix, run (again) whenever the shared cache holds someone else's."""
+    """A reply's talker prefix, run (again) whenever the shared cache holds someone else's; and how much of the
+    reply its listener has, to rank its next sentence."""
 
     args: tuple
     context: object | None = None
+    started: float = field(default_factory=time.monotonic)
+    first_audio: float | None = None
+    audio_s: float = 0.0
+
+    def deadline(self) -> float:
+        """When the listener runs out of audio, if playback started with the first chunk (its start before then)."""
+        return self.started if self.first_audio is None else self.first_audio + self.audio_s
+
+    def made(self, seconds: float) -> None:
+        self.first_audio = self.first_audio or time.monotonic()
+        self.audio_s += seconds
 
 
 class _TalkerTurns:
-    def __init__(self, talker, lock: threading.RLock):
+    def __init__(self, talker, lock: EarliestDeadlineLock):
         self.talker, self.lock = talker, lock
         self.owner: _LazyContext | None = None  # whose prefix the talker's cache holds now
+        self.speaking: dict[int, _LazyContext] = {}  # thread -> the reply whose sentence it is speaking
 
     def __getattr__(self, name: str):
         return getattr(self.talker, name)
@@ -550,7 +602,9 @@ class _TalkerTurns:
         return _LazyContext((speaker, thinker_states, max_new_tokens))
 
     def generate(self, context: _LazyContext, *args, **kwargs) -> list[int]:
-        with self.lock:
+        # The sentence's audio comes next, from the same thread (SpeechGenerator._speak_piece).
+        self.speaking[threading.get_ident()] = context
+        with self.lock.hold(context.deadline()):
             if self.owner is not context:
                 context.context = self.talker.start(*context.args)
                 self.owner = context
@@ -558,12 +612,16 @@ class _TalkerTurns:
 
 
 class _LockedDetokenizer:
-    def __init__(self, detokenizer, lock: threading.RLock):
-        self.detokenizer, self.lock = detokenizer, lock
+    def __init__(self, detokenizer, talker: _TalkerTurns):
+        self.detokenizer, self.talker = detokenizer, talker
 
     def __getattr__(self, name: str):
         return getattr(self.detokenizer, name)
 
     def synthesize(self, *args, **kwargs) -> torch.Tensor:
-        with self.lock:
-            return self.detokenizer.synthesize(*args, **kwargs)
+        reply = self.talker.speaking.pop(threading.get_ident(), None)
+        with self.talker.lock.hold(reply.deadline() if reply is not None else time.monotonic()):
+            waveform = self.detokenizer.synthesize(*args, **kwargs)
+        if reply is not None:
+            reply.made(waveform.shape[-1] / self.detokenizer.sample_rate)
+        return waveform

@@ -271,10 +271,12 @@ def test_engine_serves_every_kind_of_reply_on_the_gpu(monkeypatch):
 
 
 def test_scheduler_on_the_gpu_matches_each_request_alone(tiny_dir):
-    """The scheduler with captured steps per batch bucket, in bf16: up to FEW_TOKENS rows (the fused kernels work
-    row by row) each request gets exactly its tokens alone; 12 rows at once (the cuBLAS + grouped-GEMM path)
-    all finish, each at its own length; every row is free afterwards and GPU memory is back where it was."""
+    """The scheduler with captured steps per batch bucket, in bf16: up to FEW_TOKENS rows (the GEMV kernels work
+    row by row) each request gets exactly its tokens alone; 12 rows at once (cuBLAS projections) all finish, each
+    at its own length; every row is free afterwards, and a second burst leaves GPU memory where the first did (the
+    first pays one-time workspaces of kernels it is the first to use)."""
     import threading
+    import time
 
     from ming.sampling import SamplingConfig
     from serving.scheduler import Scheduler
@@ -284,10 +286,8 @@ def test_scheduler_on_the_gpu_matches_each_request_alone(tiny_dir):
     configs = [SamplingConfig(max_new_tokens=10 + 3 * i) for i in range(12)]
     want = [list(model.generate_stream(ids, **cfg.__dict__)) for ids, cfg in zip(prompts[:4], configs)]
     scheduler = Scheduler(model, max_active=16, budget_bytes=64 * 2**20)
-    try:
-        streams = [scheduler.submit({"input_ids": ids}, cfg) for ids, cfg in zip(prompts[:4], configs)]
-        assert [list(s) for s in streams] == want
-        before = torch.cuda.memory_allocated()
+
+    def burst() -> int:
         results = [None] * 12
 
         def visitor(i: int) -> None:
@@ -300,13 +300,17 @@ def test_scheduler_on_the_gpu_matches_each_request_alone(tiny_dir):
             t.join(timeout=120)
         assert scheduler.peak_active > 8
         assert all(r is not None and 0 < len(r) <= c.max_new_tokens for r, c in zip(results, configs))
-        import time
-
         deadline = time.time() + 5  # the loop thread may still be returning from its last turn
-        while torch.cuda.memory_allocated() != before and time.time() < deadline:
+        while scheduler.active and time.time() < deadline:
             time.sleep(0.05)
         assert not scheduler.active and not scheduler.cache.valid.any()
-        assert torch.cuda.memory_allocated() == before
+        return torch.cuda.memory_allocated()
+
+    try:
+        streams = [scheduler.submit({"input_ids": ids}, cfg) for ids, cfg in zip(prompts[:4], configs)]
+        assert [list(s) for s in streams] == want
+        after_first = burst()
+        assert burst() == after_first
     finally:
         scheduler.close()
 

@@ -412,3 +412,40 @@ def test_replies_spoken_at_once_sound_as_each_alone(tmp_path):
     alone, together = speak_together(speech, shared, replies)
     for a, b in zip(alone, together):
         assert len(a) > 0 and (a == b).all()
+
+
+def test_the_speech_lock_goes_to_the_earliest_deadline_then_first_come():
+    """Released, the shared speech lock goes to the waiting reply whose listener runs out of audio first (a reply
+    not yet heard ranks by its start), ties in arrival order; its holder may take it again inside."""
+    from serving.scheduler import EarliestDeadlineLock
+
+    lock = EarliestDeadlineLock()
+    order: list[str] = []
+
+    def reply(name: str, deadline: float) -> None:
+        with lock.hold(deadline):
+            with lock.hold(0.0):  # reentrant
+                order.append(name)
+
+    with lock.hold(0.0):
+        threads = []
+        for name, deadline in (("late", 30.0), ("urgent", 10.0), ("tie-first", 20.0), ("tie-second", 20.0)):
+            threads.append(threading.Thread(target=reply, args=(name, deadline)))
+            threads[-1].start()
+            deadline_s = time.monotonic() + 5
+            while len(lock._waiting) < len(threads) and time.monotonic() < deadline_s:
+                time.sleep(0.01)
+        assert len(lock._waiting) == 4 and order == []
+    for t in threads:
+        t.join(timeout=5)
+    assert order == ["urgent", "tie-first", "tie-second", "late"]
+
+
+def test_a_reply_not_yet_heard_ranks_before_one_with_audio_ahead():
+    from serving.scheduler import _LazyContext
+
+    playing, starting = _LazyContext(()), _LazyContext(())
+    playing.made(3.0)  # three seconds ahead of its listener
+    assert starting.deadline() < playing.deadline()
+    starting.made(0.5)
+    assert starting.deadline() < playing.deadline()
