@@ -5,7 +5,7 @@ Full-size architecture from the released config, random bf16 weights (`bench.ben
 `serving.scheduler.Scheduler` exactly as the Space serves it on a dedicated GPU (not `model.generate`):
 
   * text: N visitors (1, 4, 8, 16, 32) arriving evenly over a few seconds, each with its own 1,000-token chat
-    prompt, asking for 256 new tokens (greedy). Reported: aggregate tok/s (all tokens over the first arrival to the
+    prompt, asking for 256 new tokens (greedy); then 16 and 32 visitors arriving at the same moment. Reported: aggregate tok/s (all tokens over the first arrival to the
     last token, ramp included; and while all N stream at once: from the last visitor's first token to the first
     visitor's last), per-visitor tok/s after its first token (median and 5th percentile), time to first token p50/p95,
     peak GPU memory against the scheduler's KV budget, and the batch roofline for N rows (`bench.batch.step_bytes`
@@ -43,6 +43,7 @@ from ming.sampling import SamplingConfig
 from serving.scheduler import PREFILL_CHUNK, Scheduler, SharedSpeech
 
 VISITORS = (1, 4, 8, 16, 32)
+BURSTS = (16, 32)  # also all arriving at the same moment
 SPEAKERS = 8
 
 
@@ -237,12 +238,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.tiny:
-        visitors, prompt, new_tokens, arrival_s, speakers = (1, 2, 4), 64, 16, 0.5, 2
+        visitors, prompt, new_tokens, arrival_s, speakers, bursts = (1, 2, 4), 64, 16, 0.5, 2, (4,)
         card, described = "cpu_tiny", "Tiny random checkpoint on the CPU (a smoke test of the benchmark, not a figure)"
         model, speech = tiny()
         bandwidth = None
     else:
-        visitors, prompt, new_tokens, arrival_s, speakers = VISITORS, 1000, 256, 2.0, SPEAKERS
+        visitors, prompt, new_tokens, arrival_s, speakers, bursts = VISITORS, 1000, 256, 2.0, SPEAKERS, BURSTS
         card, described = torch.cuda.get_device_name(), "Full-size architecture, random bf16 weights"
         model, speech = full_size(torch.device("cuda"))
         bandwidth = copy_bandwidth()
@@ -264,6 +265,16 @@ def main() -> None:
                 row["of_roofline"] = row["aggregate_tok_s"] / row["roofline_tok_s"]
             rows.append(row)
             print(row, flush=True)
+        # The same visitors all arriving at once: every prompt is prefilled first (one per turn, streams starting as
+        # they are ready), then all stream together for most of the run.
+        burst = []
+        for n in bursts:
+            row = text_load(scheduler, n, prompt, new_tokens, 0.0)
+            if bandwidth is not None:
+                row["roofline_tok_s"] = bandwidth / step_bytes(model.config, n, prompt + new_tokens // 2) * n
+                row["of_roofline"] = row["aggregate_tok_s"] / row["roofline_tok_s"]
+            burst.append(row)
+            print("at once:", row, flush=True)
         spoken = speech_load(scheduler, speech, speakers, prompt, arrival_s)
         print(spoken, flush=True)
     finally:
@@ -273,7 +284,7 @@ def main() -> None:
               "arrival_s": arrival_s, "rows": scheduler.rows, "capacity": scheduler.capacity,
               "kv_gib": scheduler.kv_bytes / 2**30, "budget_gib": scheduler.budget / 2**30,
               "weights_gib": weights_gib, "copy_bandwidth_tbps": bandwidth / 1e12 if bandwidth else None,
-              "setup_s": setup_s, "text": rows, "speech": spoken}
+              "setup_s": setup_s, "text": rows, "text_at_once": burst, "speech": spoken}
     write_report(report, args.out)
 
 
@@ -291,7 +302,7 @@ def write_report(report: dict, out: str) -> None:
              "| visitors | aggregate tok/s | while all stream tok/s (window s) | per visitor tok/s (median / p5) | "
              "TTFT p50 / p95 ms | peak batch | peak memory GiB | roofline tok/s | of roofline |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for row in r["text"]:
+    for row in r["text"] + [dict(row, visitors=f"{row['visitors']} at once") for row in r.get("text_at_once", [])]:
         roofline = "- | -"
         if "roofline_tok_s" in row:
             roofline = f"{row['roofline_tok_s']:.0f} | {100 * row['of_roofline']:.0f}%"
@@ -308,7 +319,7 @@ def write_report(report: dict, out: str) -> None:
               f"| {s['first_audio_p50_ms']:.0f} / {s['first_audio_p95_ms']:.0f} | {s['rtf_max']:.2f} "
               f"({', '.join(f'{x:.2f}' for x in s['rtf'])}) | {s['longest_stall_s']:.2f} | "
               f"{s['audio_s_per_visitor']:.1f} | {s['peak_memory_gib']:.1f} |"]
-    errors = [e for row in r["text"] for e in row["errors"]] + s["errors"]
+    errors = [e for row in r["text"] + r.get("text_at_once", []) for e in row["errors"]] + s["errors"]
     if errors:
         lines += ["", "Errors: " + "; ".join(errors)]
     with open(os.path.join(out, f"{name}.md"), "w") as f:
