@@ -486,7 +486,7 @@ def build_thinking_tab():
 # the hidden signal box; the box's change cuts the reply's playback in the page on barge-in (js) and starts
 # `call_reply` in the GPU queue, the only event that writes the transcript. The reply's audio does not go through
 # that event: the page's own player (CALL_PLAYER_JS, Web Audio) fetches each piece as soon as it is made and plays
-# it ~0.1 s later (Gradio's streaming gr.Audio output plays through an HLS player that started 0.6-1.4 s late).
+# it 40-80 ms later (Gradio's streaming gr.Audio output plays through an HLS player that started 0.6-1.4 s late).
 # The server's barge-in reaches the page about a second after the visitor starts talking, so the page also meters
 # the microphone itself and pauses the reply at once when the visitor makes a sound ("tentative barge-in",
 # CALL_METER_JS): the server's signal keeps it stopped, or, if none comes, the reply resumes.

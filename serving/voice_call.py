@@ -14,8 +14,8 @@ Independent of the model and of Gradio, so it can be tested on the CPU with any 
 
 How a Gradio page drives a call: the microphone's `.stream` handler calls `session.feed(chunk)` and, on a
 `TurnQueued` or `BargeIn` event, changes a hidden component; that component's `.change` runs a generator that
-iterates `session.run_reply()` and streams the pieces to a streaming `gr.Audio` and the Chatbot (built from
-`session.transcript()`). Hang-up calls `session.hang_up()`.
+iterates `session.run_reply()` and streams the Chatbot (built from `session.transcript()`), while the page's own
+player fetches the reply's audio as it is made (`session.reply_audio`). Hang-up calls `session.hang_up()`.
 
 The end-of-speech logic (a start threshold with a lower threshold to stay in speech, then a minimum pause) follows
 the one Silero VAD's own `get_speech_timestamps`/`VADIterator` use (snakers4/silero-vad, MIT).

@@ -52,8 +52,8 @@ CHUNK_S = 0.2                      # what the page's microphone sends at a time,
 
 # The reply's audio is played in the page with Web Audio (app.py's CALL_PLAYER_JS): the player asks for the newest
 # pieces (`next_reply_audio`, a long poll answered as soon as a piece is made) and schedules each one right after the
-# one before, so the first piece sounds ~0.1 s after it is made. (Gradio's streaming gr.Audio output went through an
-# HLS player that started to sound 0.6-1.4 s after the first piece on the test machine.)
+# one before, so the first piece sounds 40-80 ms after it is made. (Gradio's streaming gr.Audio output went through
+# an HLS player that started to sound 0.6-1.4 s after the first piece on the test machine.)
 # How far behind its generation a reply plays, in the microphone's audio time, for the server's barge-in rule (speech
 # before the reply has played out interrupts it): the microphone's transport to the server (~0.1 s, more on a busy
 # machine) plus the reply's transport to the page and its scheduling (~0.1 s). Too short an estimate only lets speech
