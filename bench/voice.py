@@ -62,7 +62,7 @@ def clone_time() -> dict[str, float]:
             "clone_10s_embedding_only_ms": 1000 * statistics.median(embed)}
 
 
-def pause_detection(pause_s: float = 0.6) -> dict[str, float]:
+def pause_detection(pause_s: float = TurnConfig.end_pause_s) -> dict[str, float]:
     """Audio time from the true end of speech to the turn's end, and the detector's CPU time per second of audio."""
     speech = speech_16k(SPEECH)
     active = np.flatnonzero(np.abs(speech) > 0.02 * np.abs(speech).max())

@@ -533,7 +533,8 @@ def rope_(
     _rope_kernel[(B * L, heads)](
         qkv, cos.contiguous(), sin.contiguous(), k_cache, v_cache,
         cache_position.contiguous() if cache_position is not None else cos,
-        L=L, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, D=D, S=k_cache.shape[2] if cache is not None else 1,
+        # S: slots per (row, head) in memory, so that a view of a cache's first slots is written in place.
+        L=L, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, D=D, S=k_cache.stride(1) // D if cache is not None else 1,
         WRITE_CACHE=cache is not None, PER_ROW=per_row, num_warps=1,
     )
 

@@ -191,6 +191,11 @@ class KVCache:
         its per-request prefills share one slotted cache this way."""
         return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.valid[rows])
 
+    def first_slots(self, n: int) -> "KVCache":
+        """A view of every row's first n slots (no copy; writes land in this cache): a chunk prefilled after earlier
+        ones attends over the slots in use, not over the whole capacity."""
+        return KVCache([k[:, :, :n] for k in self.keys], [v[:, :, :n] for v in self.values], self.valid[:, :n])
+
 
 def prompt_mask(key_valid: torch.Tensor) -> torch.Tensor | None:
     """Mask for a prompt of L tokens over its own keys: None (plain causal) without padding, else a boolean
@@ -273,9 +278,10 @@ def write_cache_(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, 
 
 
 def flash_decoding_fits(keys: torch.Tensor) -> bool:
-    """The flash-decoding kernel's shapes: a power-of-two cache and a power-of-two head dim of at least 16."""
+    """The flash-decoding kernel's shapes: a whole (contiguous) power-of-two cache and a power-of-two head dim of at
+    least 16."""
     S, D = keys.shape[2], keys.shape[3]
-    return S & (S - 1) == 0 and D >= 16 and D & (D - 1) == 0
+    return keys.is_contiguous() and S & (S - 1) == 0 and D >= 16 and D & (D - 1) == 0
 
 
 def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

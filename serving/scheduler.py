@@ -335,10 +335,11 @@ class Scheduler:
                 self._finish(request, "stopped")
         if self.in_flight is not None:
             self._read_step()
-        # Up to `prefill_chunk` prompt tokens per turn, oldest request first: several short prompts share a turn.
+        # Up to `prefill_chunk` prompt tokens per turn, oldest request first: several short prompts share a turn,
+        # but a prompt that does not fit in what is left waits for a turn of its own rather than start with a sliver.
         budget = self.prefill_chunk
         for request in [r for r in self.active if not r.decoding]:
-            if budget <= 0:
+            if budget <= 0 or budget < min(self.prefill_chunk, request.length - request.prefilled):
                 break
             try:
                 budget -= self._prefill_chunk(request, budget)
@@ -356,12 +357,12 @@ class Scheduler:
             self._start_prefill(request)
         start = request.prefilled
         end = min(request.length, start + limit)
-        row = self.cache.rows(slice(request.row, request.row + 1))
+        row = self.cache.rows(slice(request.row, request.row + 1)).first_slots(end)
         slots = torch.arange(start, end, device=self.device)
         valid = request.valid[:, start:end]
         row.valid[:, start:end] = valid
         # The first chunk attends to itself only, as one prompt alone does (plain causal when nothing is padded);
-        # later chunks attend over the row's cache.
+        # later chunks attend over the row's slots so far.
         mask = prompt_mask(valid) if start == 0 else cache_mask(row.valid, slots)
         router_ids = request.router_ids[:, start:end]
         hidden = self.llm.model(request.embeds[:, start:end], request.positions[:, start:end], mask, router_ids,

@@ -47,7 +47,7 @@ FRAME_S = FRAME / SAMPLE_RATE
 class TurnConfig:
     """When a visitor's turn starts and ends. Times in seconds."""
 
-    end_pause_s: float = 0.6          # this much silence after speech ends the turn
+    end_pause_s: float = 0.5          # this much silence after speech ends the turn (OpenAI's realtime VAD's default)
     threshold: float = 0.5            # VAD speech probability that starts speech
     min_speech_s: float = 0.3         # shorter sounds (coughs, clicks, bursts) never become a turn
     max_utterance_s: float = 60.0     # the spoken-message limit: a longer turn is cut here

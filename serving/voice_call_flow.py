@@ -43,7 +43,7 @@ from .voice_call import (BargeIn, CallEnded, CallSession, CallState, Event, Repl
 from .voice_call import Turn as CallTurn
 
 PAUSE_RANGE_S = (0.3, 1.5)          # the end-of-turn pause a visitor may choose
-DEFAULT_PAUSE_S = 0.6
+DEFAULT_PAUSE_S = TurnConfig.end_pause_s
 SILENCE_TIMEOUT_S = 30.0           # nobody spoke for this long: the call ends
 MIC_QUIET_S = 10.0                 # the microphone sent nothing for this long (mid-call): the call ends
 MIC_FIRST_CHUNK_S = 30.0           # ... or since Start (a permission prompt may be open meanwhile)

@@ -170,7 +170,7 @@ def test_two_utterances_from_48k_int16_chunks(utterances, stereo):
     for turn, (start, end), spoken in zip(of(events, TurnEnded), truth, (first, second)):
         assert turn.reason == "pause"
         assert abs(turn.start_s - start) <= 0.2 and abs(turn.end_s - end) <= 0.2
-        assert abs(turn.detected_at_s - turn.end_s - 0.6) <= 0.05    # the configured pause
+        assert abs(turn.detected_at_s - turn.end_s - TurnConfig.end_pause_s) <= 0.05    # the configured pause
         # The waveform is the utterance (with pre-roll), back at 16 kHz: line it up with the truth and compare.
         offset = int(round((start - turn.audio_start_s) * SR))
         got = turn.audio[offset:offset + len(spoken)]
