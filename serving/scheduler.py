@@ -40,6 +40,10 @@ from ming.generation import DecodeStep, key_valid_of
 from ming.layers import CAPTURE_LOCK, MIN_BUCKET, cache_bucket, cache_mask, prompt_mask, use_triton
 from ming.modeling import MingOmni, split_generation_kwargs
 from ming.sampling import NgramGuard, SamplingConfig, select_next_token
+from ming.speech.talker import MAX_NEW_TOKENS as TALKER_MAX_NEW_TOKENS
+from ming.speech.talker import MIN_NEW_TOKENS as TALKER_MIN_NEW_TOKENS
+from ming.speech.talker import DecodeStep as DecodeTalkerStep
+from ming.speech.talker import sample as talker_sample
 
 log = logging.getLogger("serving.scheduler")
 
@@ -51,6 +55,8 @@ PREFILL_CHUNK = 1024
 MIN_CONTEXT = 8192  # shrink the number of rows before each row's context falls below this
 CPU_BUDGET_BYTES = 192 * 2**20  # KV memory on the CPU (the tiny model): a fixed small budget
 GPU_BUDGET_FRACTION = 0.4  # of the GPU memory free once the model is loaded; the rest: activations, vision, speech
+SPEAKING_ROWS = 8  # replies the talker speaks for at once (more wait for a row, a sentence at a time)
+TALKER_CONTEXT = 4096  # talker cache slots per row: the reply's prompt (thinker states) and a sentence
 
 
 # ------------------------------------------------------------------------------------------------- memory budget
@@ -511,26 +517,29 @@ def _stopped(request: Request) -> bool:
 
 # ------------------------------------------------------------------------------------------------------- speech
 class SharedSpeech:
-    """One `SpeechGenerator` spoken through by several replies at once, a sentence at a time.
+    """One `SpeechGenerator` speaking several replies at once.
 
-    The talker keeps one KV cache (and its captured step) per size, shared by every reply, and the flow decoder
-    replays captured graphs on fixed buffers. So each sentence's talker run, and each flow + vocoder run, holds
-    one lock (graph captures also take `CAPTURE_LOCK`, inside `CapturedStep`, so they never overlap the decode
-    loop's GPU work); a reply whose talker prefix was overwritten by another reply's since its last sentence runs its
-    prefix again first (one short prefill), so replies interleave sentence by sentence and each stays exactly
-    what it would be alone. The lock goes to the reply whose listener runs out of audio first: replies that have
-    not spoken yet (by arrival), then the one with the least audio left to play (earliest deadline first)."""
+    The talker speaks for all of them together (`TalkerRows`: a row of one cache per reply, one decode step for every
+    row with a sentence to say). The flow decoder and vocoder replay captured graphs on fixed buffers, so each
+    sentence's flow + vocoder run holds a lock, which goes to the reply whose listener runs out of audio first:
+    replies not heard yet (by arrival), then the one with the least audio left to play (earliest deadline first).
+    Graph captures take `CAPTURE_LOCK` (inside `CapturedStep`), which every thread launching GPU work around them
+    holds, so they never overlap the decode loops. Each reply sounds as it would alone (the same sampling, each
+    with its own generator): bit for bit in float32; in bf16 the GPU's attention kernel splits its work by batch
+    size, so a reply spoken beside others may round differently."""
 
-    def __init__(self, speech):
+    def __init__(self, speech, rows: int = SPEAKING_ROWS, context: int = TALKER_CONTEXT):
         from ming.speech import SpeechGenerator
 
-        self.lock = EarliestDeadlineLock()
-        talker = _TalkerTurns(speech.talker, self.lock)
+        talker = TalkerRows(speech.talker, rows, context)
         self.speech = SpeechGenerator(talker, speech.codec, _LockedDetokenizer(speech.detokenizer, talker),
                                       speech.voice_bank, speech.max_new_tokens)
 
     def stream(self, *args, **kwargs):
         return self.speech.stream(*args, **kwargs)
+
+    def close(self) -> None:
+        self.speech.talker.close()
 
     def __getattr__(self, name: str):
         return getattr(self.speech, name)
@@ -572,11 +581,12 @@ class EarliestDeadlineLock:
 
 @dataclass(eq=False)
 class _LazyContext:
-    """A reply's talker prefix, run (again) whenever the shared cache holds someone else's; and how much of the
+    """A reply to the talker: its prefix (run again whenever its row went to someone else), and how much of the
     reply its listener has, to rank its next sentence."""
 
-    args: tuple
-    context: object | None = None
+    args: tuple  # speaker, thinker states, max new tokens
+    embeds: torch.Tensor | None = None  # the prefix, made once
+    length: int | None = None
     started: float = field(default_factory=time.monotonic)
     first_audio: float | None = None
     audio_s: float = 0.0
@@ -590,11 +600,52 @@ class _LazyContext:
         self.audio_s += seconds
 
 
-class _TalkerTurns:
-    def __init__(self, talker, lock: EarliestDeadlineLock):
-        self.talker, self.lock = talker, lock
-        self.owner: _LazyContext | None = None  # whose prefix the talker's cache holds now
+@dataclass(eq=False)
+class _Sentence:
+    """One sentence a reply asked the talker for, and where it stands."""
+
+    reply: _LazyContext
+    text: str
+    text_ids: list[int]  # still to feed
+    generator: torch.Generator | None
+    max_new_tokens: int
+    min_new_tokens: int
+    stop_event: threading.Event | None
+    spoken: list[int] = field(default_factory=list)
+    audio_in: int = 0
+    text_in: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+
+    def stopped(self) -> bool:
+        return self.stop_event is not None and self.stop_event.is_set()
+
+
+class TalkerRows:
+    """The talker speaking for several replies at once, in the place of `Talker.start` / `Talker.generate`.
+
+    Each reply keeps its prefix (thinker states + voice) in a row of one cache; one loop thread runs a decode step
+    for every row with a sentence to say and samples each row with its sentence's own generator, so a reply sounds
+    as it would alone while the GPU reads the talker's weights once for all of them. With more replies speaking
+    than rows, a sentence waits for a row (earliest deadline first); a reply whose row went to another runs its
+    prefix again. A prefix too long for a row speaks through the plain talker, alone."""
+
+    def __init__(self, talker, rows: int, context: int):
+        self.talker = talker
+        self.context = context
+        with CAPTURE_LOCK:
+            self.cache = talker.model.model.new_cache(context, talker.dtype, talker.device, rows=rows)
+            self.step = DecodeTalkerStep(talker, self.cache)
+        self.owners: list[_LazyContext | None] = [None] * rows  # whose prefix each row holds
+        self.speaking_in: list[_Sentence | None] = [None] * rows
+        self.last_used = [0.0] * rows
+        self.waiting: list[_Sentence] = []
+        self.peak_speaking = 0  # the most rows one step has spoken for
         self.speaking: dict[int, _LazyContext] = {}  # thread -> the reply whose sentence it is speaking
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="ming-talker", daemon=True)
+        self._thread.start()
 
     def __getattr__(self, name: str):
         return getattr(self.talker, name)
@@ -602,26 +653,152 @@ class _TalkerTurns:
     def start(self, speaker, thinker_states=None, max_new_tokens=None) -> _LazyContext:
         return _LazyContext((speaker, thinker_states, max_new_tokens))
 
-    def generate(self, context: _LazyContext, *args, **kwargs) -> list[int]:
-        # The sentence's audio comes next, from the same thread (SpeechGenerator._speak_piece).
-        self.speaking[threading.get_ident()] = context
-        with self.lock.hold(context.deadline()):
-            if self.owner is not context:
-                context.context = self.talker.start(*context.args)
-                self.owner = context
-            return self.talker.generate(context.context, *args, **kwargs)
+    def generate(self, reply: _LazyContext, text: str, generator: torch.Generator | None = None,
+                 max_new_tokens: int = TALKER_MAX_NEW_TOKENS, min_new_tokens: int = TALKER_MIN_NEW_TOKENS,
+                 stop_event: threading.Event | None = None) -> list[int]:
+        """S3-BPE ids for one sentence, as `Talker.generate` gives them; blocks until the loop has spoken it."""
+        text_ids = self.talker.tokenizer.encode(text)
+        if not text_ids:
+            raise ValueError(f"nothing to speak in {text!r}")
+        self.speaking[threading.get_ident()] = reply  # its audio comes next, from this thread (_speak_piece)
+        sentence = _Sentence(reply, text, text_ids, generator, max_new_tokens, min_new_tokens, stop_event)
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("the talker is closed")
+            self.waiting.append(sentence)
+            self._changed.notify()
+        sentence.done.wait()
+        if sentence.error is not None:
+            raise sentence.error
+        return sentence.spoken
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._changed:
+                while not self._closed and not self.waiting and not any(self.speaking_in):
+                    self._changed.wait()
+                if self._closed:
+                    break
+                waiting, self.waiting = sorted(self.waiting, key=lambda s: s.reply.deadline()), []
+            top, unseated = None, []
+            with torch.inference_mode(), CAPTURE_LOCK:  # never launch GPU work while another thread captures
+                for sentence in waiting:
+                    try:
+                        if not self._seat(sentence):
+                            unseated.append(sentence)
+                    except Exception as error:  # its prefill failed (out of memory, say): this sentence only
+                        log.exception("talker prefill failed")
+                        sentence.error = error
+                        sentence.done.set()
+                try:
+                    if any(self.speaking_in):
+                        top = self._step()
+                except Exception as error:  # the step failed: every sentence in progress gets the error
+                    log.exception("talker step failed")
+                    for row, sentence in enumerate(self.speaking_in):
+                        if sentence is not None:
+                            self._end(row, error)
+            with self._changed:
+                self.waiting = unseated + self.waiting
+            if top is not None:
+                self._sample(*top)
+        for sentence in [*self.waiting, *filter(None, self.speaking_in)]:
+            sentence.error = RuntimeError("the talker is closed")
+            sentence.done.set()
+
+    def _seat(self, sentence: _Sentence) -> bool:
+        """Give the sentence a row (its reply's own, a free one or the longest unused), running the reply's prefix
+        there if the row holds someone else's. False: every row is speaking."""
+        reply = sentence.reply
+        if sentence.stopped():
+            sentence.done.set()
+            return True
+        if reply.length is None:
+            reply.embeds = self.talker.embed_prefix(reply.args[0], reply.args[1])
+            reply.length = reply.embeds.shape[1]
+        if reply.length + sentence.max_new_tokens + 1 > self.context:  # a very long prompt: the plain talker, alone
+            context = self.talker.start(*reply.args)
+            sentence.spoken = self.talker.generate(context, sentence.text, sentence.generator,
+                                                   sentence.max_new_tokens, sentence.min_new_tokens,
+                                                   sentence.stop_event)
+            sentence.done.set()
+            return True
+        rows = [r for r, owner in enumerate(self.owners) if owner is reply and self.speaking_in[r] is None]
+        rows = rows or sorted((r for r in range(len(self.owners)) if self.speaking_in[r] is None),
+                              key=lambda r: self.last_used[r])
+        if not rows:
+            return False
+        row = rows[0]
+        if self.owners[row] is not reply:
+            self.cache.valid[row].zero_()
+            self.talker.model.model.prefill(reply.embeds, self.cache.rows(slice(row, row + 1)))
+            self.owners[row] = reply
+        self.cache.valid[row, reply.length:] = False  # forget the previous sentence
+        ids = self.talker.tokenizer.ids
+        sentence.audio_in, sentence.text_in = ids["<audio_bos>"], sentence.text_ids.pop(0)
+        sentence.text_ids.append(ids["<text_eos>"])
+        self.speaking_in[row] = sentence
+        return True
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for every row; rows with no sentence only fill the batch."""
+        n = len(self.owners)
+        audio, text, positions, allow_eos, keep = [0] * n, [0] * n, [0] * n, [False] * n, [False] * n
+        for row, sentence in enumerate(self.speaking_in):
+            owner = self.owners[row]
+            positions[row] = 0 if owner is None else owner.length  # an idle row's first free slot
+            if sentence is not None:
+                audio[row], text[row] = sentence.audio_in, sentence.text_in
+                positions[row] += len(sentence.spoken)
+                allow_eos[row] = len(sentence.spoken) >= sentence.min_new_tokens
+                keep[row] = True
+        self.peak_speaking = max(self.peak_speaking, sum(keep))
+        top_logits, top_ids = self.step(audio, text, positions, allow_eos, keep)
+        return top_logits.cpu(), top_ids.cpu()
+
+    def _sample(self, top_logits: torch.Tensor, top_ids: torch.Tensor) -> None:
+        ids = self.talker.tokenizer.ids
+        now = time.monotonic()
+        for row, sentence in enumerate(self.speaking_in):
+            if sentence is None:
+                continue
+            self.last_used[row] = now
+            token = talker_sample(top_logits[row], top_ids[row], sentence.generator)
+            if token == ids["<audio_eos>"]:
+                self._end(row)
+                continue
+            sentence.spoken.append(token - self.talker.tokenizer.audio_offset)
+            sentence.audio_in = token
+            sentence.text_in = sentence.text_ids.pop(0) if sentence.text_ids else ids["<text_pad>"]
+            if len(sentence.spoken) >= sentence.max_new_tokens or sentence.stopped():
+                self._end(row)
+
+    def _end(self, row: int, error: Exception | None = None) -> None:
+        sentence = self.speaking_in[row]
+        self.speaking_in[row] = None
+        sentence.error = error
+        sentence.done.set()
 
 
 class _LockedDetokenizer:
-    def __init__(self, detokenizer, talker: _TalkerTurns):
+    def __init__(self, detokenizer, talker: TalkerRows):
         self.detokenizer, self.talker = detokenizer, talker
+        self.lock = EarliestDeadlineLock()
 
     def __getattr__(self, name: str):
         return getattr(self.detokenizer, name)
 
     def synthesize(self, *args, **kwargs) -> torch.Tensor:
         reply = self.talker.speaking.pop(threading.get_ident(), None)
-        with self.talker.lock.hold(reply.deadline() if reply is not None else time.monotonic()):
+        with self.lock.hold(reply.deadline() if reply is not None else time.monotonic()):
             waveform = self.detokenizer.synthesize(*args, **kwargs)
         if reply is not None:
             reply.made(waveform.shape[-1] / self.detokenizer.sample_rate)

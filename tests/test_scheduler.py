@@ -412,6 +412,33 @@ def test_replies_spoken_at_once_sound_as_each_alone(tmp_path):
     alone, together = speak_together(speech, shared, replies)
     for a, b in zip(alone, together):
         assert len(a) > 0 and (a == b).all()
+    assert shared.speech.talker.peak_speaking > 1  # the talker spoke for several replies in one step
+    shared.close()
+
+
+def test_more_replies_than_talker_rows_wait_for_a_row_and_still_sound_as_alone(tmp_path):
+    """Four replies through a talker of two rows: sentences wait for a row, a reply whose row went to another runs
+    its prefix again, and every reply is still exactly its audio alone. A stopped reply ends at once."""
+    from ming.speech import SpeechGenerator
+    from serving.scheduler import SharedSpeech
+
+    folder = build_tiny_checkpoint(str(tmp_path / "tiny"))
+    speech = SpeechGenerator.from_pretrained(folder)
+    speech.max_new_tokens = 12
+    shared = SharedSpeech(speech, rows=2)
+    replies = [(["Hello there. ", "How are you today? ", "Fine, thanks."],
+                torch.randn(1, 4 + i, 64, generator=torch.Generator().manual_seed(10 + i)), 7 * i) for i in range(4)]
+    try:
+        alone, together = speak_together(speech, shared, replies)
+        for a, b in zip(alone, together):
+            assert len(a) > 0 and (a == b).all()
+        assert shared.speech.talker.peak_speaking == 2
+        stop = threading.Event()
+        stop.set()
+        events = list(shared.stream(["Never said."], voice=speech.voices[0], stop_event=stop))
+        assert not any(e.audio is not None and len(e.audio) for e in events)
+    finally:
+        shared.close()
 
 
 def test_the_speech_lock_goes_to_the_earliest_deadline_then_first_come():
@@ -449,3 +476,20 @@ def test_a_reply_not_yet_heard_ranks_before_one_with_audio_ahead():
     assert starting.deadline() < playing.deadline()
     starting.made(0.5)
     assert starting.deadline() < playing.deadline()
+
+
+def test_a_prompt_too_long_for_a_talker_row_speaks_through_the_plain_talker(tmp_path):
+    from ming.speech import SpeechGenerator
+    from serving.scheduler import SharedSpeech
+
+    folder = build_tiny_checkpoint(str(tmp_path / "tiny"))
+    speech = SpeechGenerator.from_pretrained(folder)
+    speech.max_new_tokens = 12
+    shared = SharedSpeech(speech, rows=2, context=32)  # a 40-token prompt does not fit a row
+    replies = [(["Hello there. ", "Fine."], torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(3)), 5)]
+    try:
+        alone, together = speak_together(speech, shared, replies)
+        assert len(alone[0]) > 0 and (alone[0] == together[0]).all()
+        assert shared.speech.talker.peak_speaking == 0
+    finally:
+        shared.close()

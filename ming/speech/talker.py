@@ -156,15 +156,15 @@ class Attention(nn.Module, TunedKernels):
     def forward(self, x: torch.Tensor, input_norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        """Self-attention of input_norm(x) for x [1, n, H] at cache `slots` [n]; mask as for `ming.layers.attend`
-        (None: a sequence from slot 0, causal over itself)."""
-        _, n, _ = x.shape
+        """Self-attention of input_norm(x) for x [B, n, H] at cache `slots` ([n], or [B, n] per row); mask as for
+        `ming.layers.attend` (None: a sequence from slot 0, causal over itself)."""
+        B, n, _ = x.shape
         # A few tokens on the GPU: the norm runs inside each projection's GEMV; otherwise once, up front.
         fused_norm = few_tokens(x)
         h = x if fused_norm else input_norm(x)
         qkv = torch.cat([linear(h, proj, input_norm if fused_norm else None, self.kernel_tuning)
                          for proj in (self.q_proj, self.k_proj, self.v_proj)], dim=-1)
-        qkv = qkv.view(1, n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = qkv.view(B, n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         out = attend(qkv, rope, self.num_heads, self.num_kv_heads, mask, cache, slots, self.kernel_tuning)
         return linear(out, self.o_proj, tuning=self.kernel_tuning)
 
@@ -193,9 +193,9 @@ class Qwen2Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def new_cache(self, capacity: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+    def new_cache(self, capacity: int, dtype: torch.dtype, device: torch.device | str, rows: int = 1) -> KVCache:
         c = self.config
-        return KVCache.empty(c.num_hidden_layers, 1, c.num_key_value_heads, capacity, c.head_dim, dtype, device)
+        return KVCache.empty(c.num_hidden_layers, rows, c.num_key_value_heads, capacity, c.head_dim, dtype, device)
 
     def prefill(self, inputs_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """A sequence [1, n, H] at positions 0..n-1 into an empty cache. Returns hidden states [1, n, H]."""
@@ -203,14 +203,16 @@ class Qwen2Decoder(nn.Module):
         cache.valid[:, slots] = True
         return self._run(inputs_embeds, slots, cache, mask=None)
 
-    def decode(self, inputs_embeds: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new position [1, 1, H] at `position` ([1], on the device: no host sync, so it can be graphed),
-        attending to every valid cache slot and itself. Returns [1, 1, H]."""
-        cache.valid.index_fill_(1, position, True)
-        return self._run(inputs_embeds, position, cache, mask=decode_mask(cache.valid))
+    def decode(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new position per row [B, 1, H], row b at `positions[b]` ([B], on the device: no host sync, so it can
+        be graphed), attending to the row's valid cache slots and itself. Returns [B, 1, H]."""
+        slots = positions[:, None]
+        cache.valid.scatter_(1, slots, True)
+        return self._run(inputs_embeds, slots, cache, mask=decode_mask(cache.valid))
 
     def _run(self, h: torch.Tensor, slots: torch.Tensor, cache: KVCache, mask: torch.Tensor | None) -> torch.Tensor:
-        rope = rope_cos_sin(slots[None], self.config.head_dim, self.config.rope_theta)
+        """slots: [n] (every row at the same ones) or [B, n]; positions are the slots."""
+        rope = rope_cos_sin(slots if slots.dim() == 2 else slots[None], self.config.head_dim, self.config.rope_theta)
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
             h = layer(h, rope, (keys, values), slots, mask)
         return self.norm(h)
@@ -227,34 +229,36 @@ class TalkerLM(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- the talker
 class DecodeStep:
-    """One talker step with static shapes: (audio id, text id) at a cache slot -> the top-k candidates for the next
-    token. Its inputs live in fixed buffers, so on a GPU the step is captured once per cache and replayed as a
-    CUDA graph: one launch instead of ~1,000 kernel launches from Python, which otherwise hold the full-size talker
-    to about 32 steps a second on an H100, barely real time. (`MING_CUDA_GRAPHS=0` turns graphs off, as for the
-    thinker.)"""
+    """One talker step with static shapes for each row of a cache: (audio id, text id) at the row's slot -> the
+    top-k candidates for its next token. A reply speaks in one row; several replies can speak at once, a row each.
+    Its inputs live in fixed buffers, so on a GPU the step is captured once per cache and replayed as a CUDA graph:
+    one launch instead of ~1,000 kernel launches from Python, which otherwise hold the full-size talker to about 32
+    steps a second on an H100, barely real time. (`MING_CUDA_GRAPHS=0` turns graphs off, as for the thinker.)"""
 
     def __init__(self, talker: "Talker", cache: KVCache):
         device = talker.device
         self.talker, self.cache = talker, cache
-        self.ids = torch.zeros(1, 2, dtype=torch.long, device=device)  # audio-stream id, text-stream id
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.eos_penalty = torch.zeros((), device=device)  # -inf while <audio_eos> is refused
+        # Per row: audio-stream id, text-stream id, position (= slot), <audio_eos> allowed (1/0), keep (1/0; 0: the
+        # row only fills the batch and its slot is left invalid). One host-to-device copy per step.
+        self.inputs = torch.zeros(5, cache.valid.shape[0], dtype=torch.long, device=device)
         # Warm-up and capture run at the last slot, which generation never reaches (see Talker.start).
-        self.position.fill_(cache.capacity - 1)
+        self.inputs[2].fill_(cache.capacity - 1)
         self.run = CapturedStep(self._step, device)
-        self.cache.valid[:, -1] = False
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         talker = self.talker
-        embeds = talker.embed_streams(self.ids[:, :1], self.ids[:, 1:])
-        hidden = talker.model.model.decode(embeds, self.position, self.cache)
-        return talker.candidates(talker.logits(hidden[0, -1]), self.eos_penalty)
+        audio, text, positions, allow_eos, keep = self.inputs
+        embeds = talker.embed_streams(audio[:, None], text[:, None])
+        hidden = talker.model.model.decode(embeds, positions, self.cache)
+        self.cache.valid.scatter_(1, positions[:, None], keep[:, None] != 0)
+        eos_penalty = torch.where(allow_eos != 0, 0.0, float("-inf"))
+        return talker.candidates(talker.logits(hidden[:, -1]), eos_penalty)
 
-    def __call__(self, audio_id: int, text_id: int, position: int, allow_eos: bool):
-        """Top-k (logits, ids) on the device."""
-        self.ids.copy_(torch.tensor([[audio_id, text_id]]))
-        self.position.fill_(position)
-        self.eos_penalty.fill_(0.0 if allow_eos else float("-inf"))
+    def __call__(self, audio_ids: list[int], text_ids: list[int], positions: list[int], allow_eos: list[bool],
+                 keep: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (logits, ids) [B, k] on the device, for one value per row of each input."""
+        keep = [True] * len(audio_ids) if keep is None else keep
+        self.inputs.copy_(torch.tensor([audio_ids, text_ids, positions, allow_eos, keep], dtype=torch.long))
         return self.run()
 
 
@@ -363,13 +367,14 @@ class Talker(nn.Module):
         return linear(hidden, self.model.lm_head, out_dtype=torch.float32)
 
     def candidates(self, logits: torch.Tensor, eos_penalty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-k 20 (logits, ids) among the audio tokens and `<audio_eos>` (its logit + `eos_penalty`).
+        """The top-k 20 (logits, ids) of logits [..., V] among the audio tokens and `<audio_eos>` (its logit +
+        `eos_penalty` [...]).
 
         Text ids are never valid output here (they would not decode to speech), so they are excluded up front."""
         eos, offset = self.tokenizer.ids["<audio_eos>"], self.tokenizer.audio_offset
         allowed = torch.full_like(logits, float("-inf"))
-        allowed[offset:] = logits[offset:]
-        allowed[eos] = logits[eos] + eos_penalty
+        allowed[..., offset:] = logits[..., offset:]
+        allowed[..., eos] = logits[..., eos] + eos_penalty
         return allowed.topk(TOP_K)
 
     # ------------------------------------------------------------------ generation
@@ -433,8 +438,9 @@ class Talker(nn.Module):
         for step in range(max_new_tokens):
             if stop_event is not None and stop_event.is_set():
                 break
-            top_logits, top_ids = context.step(audio_in, text_in, context.prefix_length + step, step >= min_new_tokens)
-            token = sample(top_logits, top_ids, generator)
+            top_logits, top_ids = context.step([audio_in], [text_in], [context.prefix_length + step],
+                                               [step >= min_new_tokens])
+            token = sample(top_logits[0], top_ids[0], generator)
             if token == ids["<audio_eos>"]:
                 break
             spoken.append(token - self.tokenizer.audio_offset)
