@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -183,11 +184,21 @@ def speech_load(scheduler: Scheduler, speech: SharedSpeech, n: int, prompt: int,
             if event.audio is not None and len(event.audio):
                 visit.audio.append((time.perf_counter(), len(event.audio) / speech.sample_rate))
 
+    talker_calls = getattr(speech.speech.talker, "calls", [])  # bench.speech's timing wrappers, when present
+    flow_calls = getattr(speech.speech.detokenizer, "calls", [])
+    talker_calls.clear()
+    flow_calls.clear()
     reset_peak()
-    wall = arrive(visits, arrival_s, work)
+    with warnings.catch_warnings(record=True) as caught:  # graph captures that failed (and fell back to eager)
+        warnings.simplefilter("always")
+        wall = arrive(visits, arrival_s, work)
     done = [v for v in visits if not v.error and v.audio]
     firsts = [v.first_audio for v in done]
     return {
+        "talker_s_per_sentence_median": statistics.median(s for _, s in talker_calls) if talker_calls else None,
+        "flow_vocoder_s_per_sentence_median": statistics.median(flow_calls) if flow_calls else None,
+        "sentences": len(flow_calls),
+        "failed_graph_captures": sum("capture failed" in str(w.message) for w in caught),
         "visitors": n, "errors": [v.error for v in visits if v.error], "wall_s": wall,
         "first_audio_p50_ms": 1000 * percentile(firsts, 50), "first_audio_p95_ms": 1000 * percentile(firsts, 95),
         "rtf": [round(v.rtf, 3) for v in done], "rtf_max": max(v.rtf for v in done),
@@ -221,7 +232,7 @@ def full_size(device: torch.device) -> tuple[MingOmni, SharedSpeech]:
 
     shared = SharedSpeech(build_speech("0.5b", model.config.llm_config.hidden_size, device))
     # Each sentence stops at the length of natural speech, as in bench.speech (a random talker never says <audio_eos>).
-    shared.speech.talker = SpeakingRateTalker(shared.speech.talker)
+    shared.speech.talker = SpeakingRateTalker(shared.speech.talker, synchronize=False)
     return model, shared
 
 
@@ -324,6 +335,10 @@ def write_report(report: dict, out: str) -> None:
               f"| {s['first_audio_p50_ms']:.0f} / {s['first_audio_p95_ms']:.0f} | {s['rtf_max']:.2f} "
               f"({', '.join(f'{x:.2f}' for x in s['rtf'])}) | {s['longest_stall_s']:.2f} | "
               f"{s['audio_s_per_visitor']:.1f} | {s['peak_memory_gib']:.1f} |"]
+    if s.get("flow_vocoder_s_per_sentence_median") is not None:
+        lines += ["", f"Per sentence (median of {s['sentences']}): talker {1000 * s['talker_s_per_sentence_median']:.0f} "
+                  f"ms (waiting for a row included), flow + vocoder {1000 * s['flow_vocoder_s_per_sentence_median']:.0f} "
+                  f"ms; CUDA graph captures that failed and ran eagerly: {s['failed_graph_captures']}."]
     errors = [e for row in r["text"] + r.get("text_at_once", []) for e in row["errors"]] + s["errors"]
     if errors:
         lines += ["", "Errors: " + "; ".join(errors)]

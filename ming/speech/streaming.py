@@ -337,10 +337,10 @@ class SpeechGenerator:
         speech_tokens = self.codec.decode(bpe_ids)
         if not speech_tokens:
             return np.zeros(0, dtype=np.float32)
-        device = self.talker.device
-        waveform = self.detokenizer.synthesize(
-            torch.tensor([speech_tokens], dtype=torch.long, device=device), speaker.to(device), noise_seed=seed
-        )
+        # Host tensors in: the detokenizer moves them itself, so that this thread launches no GPU work of its own
+        # (with several replies speaking at once, another thread may be capturing a CUDA graph meanwhile).
+        waveform = self.detokenizer.synthesize(torch.tensor([speech_tokens], dtype=torch.long), speaker,
+                                               noise_seed=seed)
         return waveform.detach().float().cpu().numpy().reshape(-1)
 
     def _check_thinker_states(self, thinker_states: torch.Tensor | None) -> None:
