@@ -10,9 +10,13 @@ Also here: the static KV cache, RoPE, and `CapturedStep`, the one place a step i
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import os
-import warnings
 import threading
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -300,10 +304,57 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 # ------------------------------------------------------------------------------------------------- CUDA graphs
 MIN_BUCKET = 1024
 T = TypeVar("T")
+class OrderedLock:
+    """A reentrant lock that waiting threads get in order: earliest `deadline` first (`hold(deadline)`), and first
+    come, first served for `with lock:`. Python's own locks promise no order, and a loop that releases one and takes
+    it again at once can starve a thread that waits for it."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+        self._waiting: list[tuple[float, int]] = []  # a heap of (deadline, ticket)
+        self._tickets = itertools.count()
+
+    def acquire(self, deadline: float | None = None) -> None:
+        me = threading.get_ident()
+        with self._changed:
+            if self._owner != me:
+                entry = (time.monotonic() if deadline is None else deadline, next(self._tickets))
+                heapq.heappush(self._waiting, entry)
+                while self._owner is not None or self._waiting[0] != entry:
+                    self._changed.wait()
+                heapq.heappop(self._waiting)
+                self._owner = me
+            self._depth += 1
+
+    def release(self) -> None:
+        with self._changed:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self, deadline: float | None = None):
+        self.acquire(deadline)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def __enter__(self) -> "OrderedLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 # Held while a graph is captured. A capture fails if another thread launches work meanwhile, so threads that share
-# the GPU with captures made at run time (the scheduler's decode loop beside the speech of several replies) hold it
-# around their GPU work too.
-CAPTURE_LOCK = threading.RLock()
+# the GPU with captures made at run time (the decode loops of the thinker and the talker beside the flow decoder of
+# several replies) hold it around their GPU work too. First come, first served: the loops take it again at once.
+CAPTURE_LOCK = OrderedLock()
 
 
 def graphs_allowed(device: torch.device | str) -> bool:

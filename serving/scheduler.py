@@ -22,10 +22,7 @@ SGLang; this is our own code on `ming.generation`'s pieces.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import heapq
-import itertools
 import logging
 import os
 import queue
@@ -37,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ming.generation import DecodeStep, key_valid_of
-from ming.layers import CAPTURE_LOCK, MIN_BUCKET, cache_bucket, cache_mask, prompt_mask, use_triton
+from ming.layers import CAPTURE_LOCK, MIN_BUCKET, OrderedLock, cache_bucket, cache_mask, prompt_mask, use_triton
 from ming.modeling import MingOmni, split_generation_kwargs
 from ming.sampling import NgramGuard, SamplingConfig, select_next_token
 from ming.speech.talker import MAX_NEW_TOKENS as TALKER_MAX_NEW_TOKENS
@@ -545,40 +542,6 @@ class SharedSpeech:
         return getattr(self.speech, name)
 
 
-class EarliestDeadlineLock:
-    """A reentrant lock that, when released, goes to the waiting thread with the earliest deadline (ties: first
-    come). Python's locks wake waiters in no promised order, which let one reply's later sentences starve another
-    reply's first one."""
-
-    def __init__(self):
-        self._changed = threading.Condition()
-        self._owner: int | None = None
-        self._depth = 0
-        self._waiting: list[tuple[float, int]] = []  # a heap of (deadline, ticket)
-        self._tickets = itertools.count()
-
-    @contextlib.contextmanager
-    def hold(self, deadline: float):
-        me = threading.get_ident()
-        with self._changed:
-            if self._owner != me:
-                entry = (deadline, next(self._tickets))
-                heapq.heappush(self._waiting, entry)
-                while self._owner is not None or self._waiting[0] != entry:
-                    self._changed.wait()
-                heapq.heappop(self._waiting)
-                self._owner = me
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._depth -= 1
-                if self._depth == 0:
-                    self._owner = None
-                    self._changed.notify_all()
-
-
 @dataclass(eq=False)
 class _LazyContext:
     """A reply to the talker: its prefix (run again whenever its row went to someone else), and how much of the
@@ -791,7 +754,7 @@ class TalkerRows:
 class _LockedDetokenizer:
     def __init__(self, detokenizer, talker: TalkerRows):
         self.detokenizer, self.talker = detokenizer, talker
-        self.lock = EarliestDeadlineLock()
+        self.lock = OrderedLock()  # earliest deadline first
 
     def __getattr__(self, name: str):
         return getattr(self.detokenizer, name)

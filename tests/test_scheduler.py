@@ -444,9 +444,9 @@ def test_more_replies_than_talker_rows_wait_for_a_row_and_still_sound_as_alone(t
 def test_the_speech_lock_goes_to_the_earliest_deadline_then_first_come():
     """Released, the shared speech lock goes to the waiting reply whose listener runs out of audio first (a reply
     not yet heard ranks by its start), ties in arrival order; its holder may take it again inside."""
-    from serving.scheduler import EarliestDeadlineLock
+    from ming.layers import OrderedLock
 
-    lock = EarliestDeadlineLock()
+    lock = OrderedLock()
     order: list[str] = []
 
     def reply(name: str, deadline: float) -> None:
