@@ -63,9 +63,15 @@ def _swiglu_rows(x_row, gate_ptr, up_ptr, rows, K: tl.constexpr, N: tl.constexpr
         m = row_ok[:, None] & col_ok[None, :]
         acc_gate += tl.load(gate_ptr + offsets, mask=m, other=0.0).to(tl.float32) * x[None, :]
         acc_up += tl.load(up_ptr + offsets, mask=m, other=0.0).to(tl.float32) * x[None, :]
-    gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
-    up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
-    return gate / (1.0 + tl.exp(-gate)) * up
+    return _swiglu(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1), dtype)
+
+
+@triton.jit
+def _swiglu(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up in float32 of two float32 projections, each rounded to `dtype` first (as the separate linear
+    layers of the release would round them)."""
+    gate = gate.to(dtype).to(tl.float32)
+    return gate / (1.0 + tl.exp(-gate)) * up.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -181,10 +187,7 @@ def _sorted_gate_up_kernel(
             acc_gate = tl.dot(x, tl.load(gate_ptr + w_at, mask=w_ok, other=0.0), acc_gate)
             acc_up = tl.dot(x, tl.load(up_ptr + w_at, mask=w_ok, other=0.0), acc_up)
         dtype = h_ptr.dtype.element_ty
-        # gate and up rounded as their own linear layers would be, as in the decode GEMV kernels.
-        gate = acc_gate.to(dtype).to(tl.float32)
-        up = acc_up.to(dtype).to(tl.float32)
-        h = gate / (1.0 + tl.exp(-gate)) * up
+        h = _swiglu(acc_gate, acc_up, dtype)
         tl.store(h_ptr + pair[:, None] * I + n[None, :], h.to(dtype), mask=real[:, None] & n_ok[None, :])
 
 

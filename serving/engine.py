@@ -280,15 +280,7 @@ def run_alone(job: Job) -> Iterator[Chunk]:
                 **{name: value.to(engine.device) for name, value in inputs.items()},
                 **dataclasses.asdict(job.sampling), stop_event=stop,
             )
-            deltas = text_deltas(stream, engine.processor.stream_decoder())
-            if job.voice is not None and engine.speech is not None:
-                for event in engine.speech.stream(deltas, thinker_states=stream.thinker_states, voice=job.voice,
-                                                  stop_event=stop):
-                    yield Chunk(text=event.text_delta, audio=event.audio)
-            else:
-                for delta in deltas:
-                    yield Chunk(text=delta)
-            yield Chunk(segment_done=True, finish_reason=stream.finish_reason or "stopped")
+            yield from segment_chunks(engine, stream, stream, engine.speech, job.voice, stop)
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -313,21 +305,27 @@ def run_scheduled(job: Job) -> Iterator[Chunk]:
             try:
                 for ahead in stream.waiting():
                     yield Chunk(queue_position=ahead)
-                deltas = text_deltas(stream, engine.processor.stream_decoder())
-                if speech is not None:
-                    for event in speech.stream(deltas, thinker_states=stream.thinker_states, voice=job.voice,
-                                               stop_event=stop):
-                        yield Chunk(text=event.text_delta, audio=event.audio)
-                else:
-                    for delta in deltas:
-                        yield Chunk(text=delta)
-                yield Chunk(segment_done=True, finish_reason=stream.finish_reason or "stopped")
+                yield from segment_chunks(engine, stream, stream, speech, job.voice, stop)
             finally:
                 stream.cancel()
     except torch.OutOfMemoryError:
         raise out_of_memory_error() from None
     finally:
         engine.count_job(-1)
+
+
+def segment_chunks(engine: Engine, stream, tokens: Iterator[int], speech, voice, stop: threading.Event
+                   ) -> Iterator[Chunk]:
+    """One segment's reply as chunks: the text deltas of `tokens` (the token stream `stream`'s, or a wrapper of it),
+    spoken by `speech` when a voice was asked for, then the segment's end with the stream's finish reason."""
+    deltas = text_deltas(tokens, engine.processor.stream_decoder())
+    if voice is not None and speech is not None:
+        for event in speech.stream(deltas, thinker_states=stream.thinker_states, voice=voice, stop_event=stop):
+            yield Chunk(text=event.text_delta, audio=event.audio)
+    else:
+        for delta in deltas:
+            yield Chunk(text=delta)
+    yield Chunk(segment_done=True, finish_reason=stream.finish_reason or "stopped")
 
 
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all C0 controls but tab and newline

@@ -43,7 +43,8 @@ from ming.sampling import SamplingConfig
 
 from .checks import MAX_GPU_SECONDS, format_duration
 from .conversation import Turn, kept_media, prompt_messages
-from .engine import COLD_START_SECONDS, Chunk, get_engine, gpu_failures_as_messages, out_of_memory_error, text_deltas
+from .engine import (COLD_START_SECONDS, Chunk, get_engine, gpu_failures_as_messages, out_of_memory_error,
+                     segment_chunks)
 from .errors import UserError
 
 log = logging.getLogger("serving.long_video")
@@ -388,19 +389,11 @@ def encode_and_answer(job: VideoJob) -> Iterator[VideoStatus | Encoded | Chunk]:
         with lock:
             stream = engine.model.generate_stream(job.prompt.continuation_ids.to(engine.device), prefix=prefix,
                                                   **dataclasses.asdict(job.sampling), stop_event=stop)
-        deltas = text_deltas(locked_tokens(stream, lock), engine.processor.stream_decoder())
-        # Spoken answers share the speech generator with the scheduler's replies where there is one.
+        # Spoken answers share the speech generator with the scheduler's replies where there is one. The talker
+        # hears the continuation's states only (the video is in the prefix): enough to speak the answer, which is
+        # what it is conditioned on.
         speech = getattr(engine, "shared_speech", None) or engine.speech
-        if job.voice is not None and speech is not None:
-            # The talker hears the continuation's states only (the video is in the prefix): enough to speak the
-            # answer, which is what it is conditioned on.
-            for event in speech.stream(deltas, thinker_states=stream.thinker_states, voice=job.voice,
-                                       stop_event=stop):
-                yield Chunk(text=event.text_delta, audio=event.audio)
-        else:
-            for delta in deltas:
-                yield Chunk(text=delta)
-        yield Chunk(segment_done=True, finish_reason=stream.finish_reason or "stopped")
+        yield from segment_chunks(engine, stream, locked_tokens(stream, lock), speech, job.voice, stop)
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -47,13 +47,15 @@ log = logging.getLogger("serving.scheduler")
 MAX_ACTIVE = 32  # rows decoded together at most: aggregate throughput still grows past it, per visitor speed falls
 # Prompt tokens per loop turn: what a running stream waits at most for someone else's prompt (~40 ms for 1,024 on an
 # H100, bench/results). A 1,000-token chat prompt goes in one chunk, which attends to itself only (flash attention);
-# later chunks attend over the whole row (a masked pass over `capacity` keys).
+# later chunks attend over the row's slots so far (a masked pass).
 PREFILL_CHUNK = 1024
 MIN_CONTEXT = 8192  # shrink the number of rows before each row's context falls below this
 CPU_BUDGET_BYTES = 192 * 2**20  # KV memory on the CPU (the tiny model): a fixed small budget
 GPU_BUDGET_FRACTION = 0.4  # of the GPU memory free once the model is loaded; the rest: activations, vision, speech
 SPEAKING_ROWS = 8  # replies the talker speaks for at once (more wait for a row, a sentence at a time)
-TALKER_CONTEXT = 4096  # talker cache slots per row: the reply's prompt (thinker states) and a sentence
+# Talker cache slots per row: a reply's prompt (thinker states, as long as a scheduler row's) and a sentence. 1.5 GiB
+# for 8 rows of the real talker; a longer prompt speaks through the plain talker, holding up everyone's GPU work.
+TALKER_CONTEXT = 16384
 
 
 # ------------------------------------------------------------------------------------------------- memory budget

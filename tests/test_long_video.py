@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -42,6 +41,7 @@ from ming.processor import MingProcessor
 from ming.sampling import SamplingConfig
 from ming.testing.tiny import build_tiny_checkpoint, tiny_config
 from ming.testing.weights import tiny_tensor
+from tests import synthetic_video
 
 THETA = 600000.0  # the release's rope_theta
 FPS = 2  # frame rate of the synthetic videos: low, so an hour encodes in a second
@@ -74,25 +74,15 @@ def slide_frame(index: int, size=SIZE) -> np.ndarray:
 
 
 def static_frame(index: int, size=SIZE) -> np.ndarray:
-    y, x = np.mgrid[: size[1], : size[0]]
-    return np.stack([(x * 4) % 256, (y * 5) % 256, ((x + y) * 3) % 256], axis=-1).astype(np.uint8)
+    return synthetic_video.static_frame(index, size)
 
 
 def noise_frame(index: int, size=SIZE) -> np.ndarray:
-    return np.random.default_rng(index).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return synthetic_video.noise_frame(index, size)
 
 
 def write_video(path: Path, minutes: float, frame_of) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=FPS, options={
-            "g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "preset": "ultrafast", "qp": "10"})
-        stream.width, stream.height, stream.pix_fmt = SIZE[0], SIZE[1], "yuv420p"
-        for i in range(int(minutes * 60 * FPS)):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame_of(i), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return synthetic_video.write_video(path, minutes, frame_of, FPS, GOP, SIZE, qp=10)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import torch
 from ming.long_video import LongVideoSettings
 from serving import long_video_flow
 from serving.errors import UserError
+from tests import synthetic_video
 from tests.test_app import assert_still_works, chat_args, message_texts, serve
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -41,8 +42,7 @@ COLOURS = [(230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 40), (40, 230
 
 
 def static_frame(second: int) -> np.ndarray:
-    y, x = np.mgrid[: SIZE[1], : SIZE[0]]
-    return np.stack([(x * 4) % 256, (y * 5) % 256, ((x + y) * 3) % 256], axis=-1).astype(np.uint8)
+    return synthetic_video.static_frame(second, SIZE)
 
 
 def slide_frame(second: int) -> np.ndarray:
@@ -57,20 +57,11 @@ def sprite_frame(second: int) -> np.ndarray:
 
 
 def noise_frame(second: int) -> np.ndarray:
-    return np.random.default_rng(second).integers(0, 256, (SIZE[1], SIZE[0], 3), dtype=np.uint8)
+    return synthetic_video.noise_frame(second, SIZE)
 
 
 def write_video(path: Path, minutes: float, frame_of) -> str:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=FPS, options={
-            "g": str(GOP), "keyint_min": str(GOP), "sc_threshold": "0", "preset": "ultrafast", "qp": "20"})
-        stream.width, stream.height, stream.pix_fmt = SIZE[0], SIZE[1], "yuv420p"
-        for second in range(int(minutes * 60 * FPS)):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame_of(second), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
+    return str(synthetic_video.write_video(path, minutes, frame_of, FPS, GOP, SIZE, qp=20))
 
 
 @pytest.fixture(scope="module")
