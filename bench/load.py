@@ -273,24 +273,19 @@ def main() -> None:
     try:
         text_load(scheduler, 2, prompt, 8, 0.0)  # warm-up: prefill kernels, the first buckets
         speech_load(scheduler, speech, 1, prompt, 0.0)  # warm-up: talker and flow captures
-        rows = []
-        for n in visitors:
-            row = text_load(scheduler, n, prompt, new_tokens, arrival_s if n > 1 else 0.0)
+
+        def measure(n: int, arrival: float, label: str = "") -> dict:
+            row = text_load(scheduler, n, prompt, new_tokens, arrival)
             if bandwidth is not None:
                 row["roofline_tok_s"] = bandwidth / step_bytes(model.config, n, prompt + new_tokens // 2) * n
                 row["of_roofline"] = row["aggregate_tok_s"] / row["roofline_tok_s"]
-            rows.append(row)
-            print(row, flush=True)
+            print(label, row, flush=True)
+            return row
+
+        rows = [measure(n, arrival_s if n > 1 else 0.0) for n in visitors]
         # The same visitors all arriving at once: every prompt is prefilled first (one per turn, streams starting as
         # they are ready), then all stream together for most of the run.
-        burst = []
-        for n in bursts:
-            row = text_load(scheduler, n, prompt, new_tokens, 0.0)
-            if bandwidth is not None:
-                row["roofline_tok_s"] = bandwidth / step_bytes(model.config, n, prompt + new_tokens // 2) * n
-                row["of_roofline"] = row["aggregate_tok_s"] / row["roofline_tok_s"]
-            burst.append(row)
-            print("at once:", row, flush=True)
+        burst = [measure(n, 0.0, "at once:") for n in bursts]
         spoken = speech_load(scheduler, speech, speakers, prompt, arrival_s)
         print(spoken, flush=True)
     finally:
