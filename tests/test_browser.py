@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import time
 
 import pytest
+
+from tests import chromium
 
 os.environ.setdefault("MING_MODEL", "tiny")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
+if not os.path.exists(chromium.CHROMIUM):
     pytest.skip("Chromium is not installed (apt-get install chromium, or scripts/setup.sh --dev)",
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
@@ -57,15 +57,7 @@ def url():
 def page(url):
     os.makedirs(ARTIFACTS, exist_ok=True)
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run",
-                  # Gradio's own recipe for media tests: a test-pattern camera, and a wav file as the microphone.
-                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-                  f"--use-file-for-fake-audio-capture={MICROPHONE_WAV}"],
-        )
+        browser = chromium.launch(playwright, MICROPHONE_WAV)
         context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["microphone", "camera"])
         context.set_default_timeout(TIMEOUT_MS)
         expect.set_options(timeout=TIMEOUT_MS)  # assertions wait as long as actions (5 s is too short on a busy CPU)

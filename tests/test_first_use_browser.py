@@ -16,9 +16,9 @@ import os
 
 import pytest
 
+from tests import chromium
 from test_browser import (  # noqa: F401  (fixtures)
     ARTIFACTS,
-    CHROMIUM,
     EXAMPLES,
     MICROPHONE_WAV,
     TIMEOUT_MS,
@@ -59,11 +59,7 @@ def bad(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--use-fake-device-for-media-stream",
-                  "--use-fake-ui-for-media-stream", f"--use-file-for-fake-audio-capture={MICROPHONE_WAV}"])
+        browser = chromium.launch(playwright, MICROPHONE_WAV)
         yield browser
         browser.close()
 

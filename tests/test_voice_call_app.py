@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests import chromium
 from tests.test_app import EXAMPLES, message_files, message_texts
 from tests.test_voice_call import SR, floor, load_speech
 
@@ -224,7 +225,6 @@ def test_the_page_player_fetches_each_piece_of_the_reply_as_it_is_made(app, monk
 
 
 # ------------------------------------------------------------------------------------------------------ the browser
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TIMEOUT_MS = 90_000
 
 # Installed before the page's scripts: taps the microphone stream Gradio opens (an analyser records when speech
@@ -278,7 +278,7 @@ window.__call = {onsets: []};  // times: performance.now(), ms
 def call_page(app):
     """Opens the Voice call tab in a fresh Chromium whose microphone plays the given wav (from its start, when the
     page opens the microphone; a long silent tail keeps it from looping during a test)."""
-    if not os.path.exists(CHROMIUM):
+    if not os.path.exists(chromium.CHROMIUM):
         pytest.skip("Chromium is not installed (apt-get install chromium, or scripts/setup.sh --dev)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
     sync_api.expect.set_options(timeout=TIMEOUT_MS)
@@ -288,12 +288,7 @@ def call_page(app):
         def open_page(microphone_wav: str, max_new_tokens: int, pause_s: float = 0.6):
             while browsers:  # a retried scenario's earlier browser would go on playing and streaming beside it
                 browsers.pop().close()
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                      "--disable-component-update", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
-                      "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-                      f"--use-file-for-fake-audio-capture={microphone_wav}"])
+            browser = chromium.launch(playwright, microphone_wav, "--autoplay-policy=no-user-gesture-required")
             browsers.append(browser)
             context = browser.new_context(viewport={"width": 1280, "height": 1000}, permissions=["microphone"])
             context.set_default_timeout(TIMEOUT_MS)

@@ -5,16 +5,15 @@ separate browser context) never sees that voice."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pytest
 import soundfile
 
+from tests import chromium
 from tests.test_app import EXAMPLES, serve
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):
+if not os.path.exists(chromium.CHROMIUM):
     pytest.skip("Chromium is not installed (apt-get install chromium, or scripts/setup.sh --dev)",
                 allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
@@ -37,11 +36,7 @@ def microphone_wav(tmp_path_factory) -> str:
 def browser(microphone_wav):
     serve()
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--use-fake-device-for-media-stream",
-                  "--use-fake-ui-for-media-stream", f"--use-file-for-fake-audio-capture={microphone_wav}"])
+        browser = chromium.launch(playwright, microphone_wav)
         sync_api.expect.set_options(timeout=TIMEOUT_MS)
         yield browser
         browser.close()
