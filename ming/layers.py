@@ -304,6 +304,8 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 # ------------------------------------------------------------------------------------------------- CUDA graphs
 MIN_BUCKET = 1024
 T = TypeVar("T")
+
+
 class OrderedLock:
     """A reentrant lock that waiting threads get in order: earliest `deadline` first (`hold(deadline)`), and first
     come, first served for `with lock:`. Python's own locks promise no order, and a loop that releases one and takes

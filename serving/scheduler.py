@@ -40,6 +40,7 @@ from ming.sampling import NgramGuard, SamplingConfig, select_next_token
 from ming.speech.talker import MAX_NEW_TOKENS as TALKER_MAX_NEW_TOKENS
 from ming.speech.talker import MIN_NEW_TOKENS as TALKER_MIN_NEW_TOKENS
 from ming.speech.talker import DecodeStep as DecodeTalkerStep
+from ming.speech.talker import SpokenSentence
 from ming.speech.talker import sample as talker_sample
 
 log = logging.getLogger("serving.scheduler")
@@ -571,14 +572,9 @@ class _Sentence:
 
     reply: _LazyContext
     text: str
-    text_ids: list[int]  # still to feed
+    speaking: SpokenSentence
     generator: torch.Generator | None
-    max_new_tokens: int
-    min_new_tokens: int
     stop_event: threading.Event | None
-    spoken: list[int] = field(default_factory=list)
-    audio_in: int = 0
-    text_in: int = 0
     done: threading.Event = field(default_factory=threading.Event)
     error: Exception | None = None
 
@@ -622,11 +618,9 @@ class TalkerRows:
                  max_new_tokens: int = TALKER_MAX_NEW_TOKENS, min_new_tokens: int = TALKER_MIN_NEW_TOKENS,
                  stop_event: threading.Event | None = None) -> list[int]:
         """S3-BPE ids for one sentence, as `Talker.generate` gives them; blocks until the loop has spoken it."""
-        text_ids = self.talker.tokenizer.encode(text)
-        if not text_ids:
-            raise ValueError(f"nothing to speak in {text!r}")
+        speaking = SpokenSentence(self.talker.tokenizer, text, max_new_tokens, min_new_tokens)
         self.speaking[threading.get_ident()] = reply  # its audio comes next, from this thread (_speak_piece)
-        sentence = _Sentence(reply, text, text_ids, generator, max_new_tokens, min_new_tokens, stop_event)
+        sentence = _Sentence(reply, text, speaking, generator, stop_event)
         with self._changed:
             if self._closed:
                 raise RuntimeError("the talker is closed")
@@ -635,7 +629,7 @@ class TalkerRows:
         sentence.done.wait()
         if sentence.error is not None:
             raise sentence.error
-        return sentence.spoken
+        return sentence.speaking.spoken
 
     def close(self) -> None:
         with self._changed:
@@ -689,10 +683,11 @@ class TalkerRows:
         if reply.length is None:
             reply.embeds = self.talker.embed_prefix(reply.args[0], reply.args[1])
             reply.length = reply.embeds.shape[1]
-        if reply.length + sentence.max_new_tokens + 1 > self.context:  # a very long prompt: the plain talker, alone
+        speaking = sentence.speaking
+        if reply.length + speaking.max_new_tokens + 1 > self.context:  # a very long prompt: the plain talker, alone
             context = self.talker.start(*reply.args)
-            sentence.spoken = self.talker.generate(context, sentence.text, sentence.generator,
-                                                   sentence.max_new_tokens, sentence.min_new_tokens,
+            speaking.spoken = self.talker.generate(context, sentence.text, sentence.generator,
+                                                   speaking.max_new_tokens, speaking.min_new_tokens,
                                                    sentence.stop_event)
             sentence.done.set()
             return True
@@ -707,9 +702,6 @@ class TalkerRows:
             self.talker.model.model.prefill(reply.embeds, self.cache.rows(slice(row, row + 1)))
             self.owners[row] = reply
         self.cache.valid[row, reply.length:] = False  # forget the previous sentence
-        ids = self.talker.tokenizer.ids
-        sentence.audio_in, sentence.text_in = ids["<audio_bos>"], sentence.text_ids.pop(0)
-        sentence.text_ids.append(ids["<text_eos>"])
         self.speaking_in[row] = sentence
         return True
 
@@ -721,29 +713,22 @@ class TalkerRows:
             owner = self.owners[row]
             positions[row] = 0 if owner is None else owner.length  # an idle row's first free slot
             if sentence is not None:
-                audio[row], text[row] = sentence.audio_in, sentence.text_in
-                positions[row] += len(sentence.spoken)
-                allow_eos[row] = len(sentence.spoken) >= sentence.min_new_tokens
+                speaking = sentence.speaking
+                audio[row], text[row], allow_eos[row] = speaking.audio_in, speaking.text_in, speaking.allow_eos
+                positions[row] += len(speaking.spoken)
                 keep[row] = True
         self.peak_speaking = max(self.peak_speaking, sum(keep))
         top_logits, top_ids = self.step(audio, text, positions, allow_eos, keep)
         return top_logits.cpu(), top_ids.cpu()
 
     def _sample(self, top_logits: torch.Tensor, top_ids: torch.Tensor) -> None:
-        ids = self.talker.tokenizer.ids
         now = time.monotonic()
         for row, sentence in enumerate(self.speaking_in):
             if sentence is None:
                 continue
             self.last_used[row] = now
-            token = talker_sample(top_logits[row], top_ids[row], sentence.generator)
-            if token == ids["<audio_eos>"]:
-                self._end(row)
-                continue
-            sentence.spoken.append(token - self.talker.tokenizer.audio_offset)
-            sentence.audio_in = token
-            sentence.text_in = sentence.text_ids.pop(0) if sentence.text_ids else ids["<text_pad>"]
-            if len(sentence.spoken) >= sentence.max_new_tokens or sentence.stopped():
+            sentence.speaking.accept(talker_sample(top_logits[row], top_ids[row], sentence.generator))
+            if sentence.speaking.done or sentence.stopped():
                 self._end(row)
 
     def _end(self, row: int, error: Exception | None = None) -> None:

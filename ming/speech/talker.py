@@ -424,29 +424,49 @@ class Talker(nn.Module):
         stop_event: threading.Event | None = None,
     ) -> list[int]:
         """S3-BPE ids (audio offset removed) for one sentence, spoken after the context's prefix."""
-        text_ids = self.tokenizer.encode(text)
-        if not text_ids:
-            raise ValueError(f"nothing to speak in {text!r}")
+        sentence = SpokenSentence(self.tokenizer, text, max_new_tokens, min_new_tokens)
         room = context.cache.capacity - 1 - context.prefix_length
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens {max_new_tokens} exceeds the {room} the context was started for")
-        ids = self.tokenizer.ids
-        upcoming_text = text_ids[1:] + [ids["<text_eos>"]]
         context.cache.valid[:, context.prefix_length :] = False  # forget the previous sentence
-        audio_in, text_in = ids["<audio_bos>"], text_ids[0]
-        spoken: list[int] = []
-        for step in range(max_new_tokens):
-            if stop_event is not None and stop_event.is_set():
-                break
-            top_logits, top_ids = context.step([audio_in], [text_in], [context.prefix_length + step],
-                                               [step >= min_new_tokens])
-            token = sample(top_logits[0], top_ids[0], generator)
-            if token == ids["<audio_eos>"]:
-                break
-            spoken.append(token - self.tokenizer.audio_offset)
-            audio_in = token
-            text_in = upcoming_text.pop(0) if upcoming_text else ids["<text_pad>"]
-        return spoken
+        while not sentence.done and not (stop_event is not None and stop_event.is_set()):
+            top_logits, top_ids = context.step([sentence.audio_in], [sentence.text_in],
+                                               [context.prefix_length + len(sentence.spoken)], [sentence.allow_eos])
+            sentence.accept(sample(top_logits[0], top_ids[0], generator))
+        return sentence.spoken
+
+
+class SpokenSentence:
+    """One sentence as the talker speaks it after a reply's prefix: the (audio id, text id) pair to feed next,
+    whether `<audio_eos>` may end it yet, and the S3-BPE ids spoken so far (audio offset removed). The audio stream
+    starts at `<audio_bos>`, the text stream at the first text id and goes on with the rest, `<text_eos>`, then
+    `<text_pad>`; the sentence ends at `<audio_eos>` or after `max_new_tokens`."""
+
+    def __init__(self, tokenizer: TalkerTokenizer, text: str, max_new_tokens: int, min_new_tokens: int):
+        text_ids = tokenizer.encode(text)
+        if not text_ids:
+            raise ValueError(f"nothing to speak in {text!r}")
+        ids = tokenizer.ids
+        self._eos, self._text_pad, self._offset = ids["<audio_eos>"], ids["<text_pad>"], tokenizer.audio_offset
+        self._upcoming_text = text_ids[1:] + [ids["<text_eos>"]]
+        self.audio_in, self.text_in = ids["<audio_bos>"], text_ids[0]
+        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
+        self.spoken: list[int] = []
+        self.done = max_new_tokens <= 0
+
+    @property
+    def allow_eos(self) -> bool:
+        return len(self.spoken) >= self.min_new_tokens
+
+    def accept(self, token: int) -> None:
+        """The token sampled for this sentence: `<audio_eos>` ends it; anything else is spoken and fed next."""
+        if token == self._eos:
+            self.done = True
+            return
+        self.spoken.append(token - self._offset)
+        self.audio_in = token
+        self.text_in = self._upcoming_text.pop(0) if self._upcoming_text else self._text_pad
+        self.done = len(self.spoken) >= self.max_new_tokens
 
 
 def sample(top_logits: torch.Tensor, top_ids: torch.Tensor, generator: torch.Generator | None) -> int:
