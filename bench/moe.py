@@ -45,15 +45,9 @@ def paths(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, weight: tor
     args = (x, idx, weight, e.gate_proj, e.up_proj, e.down_proj, shared, residual)
     out = {
         "sorted": lambda: kernels.moe_sorted(*args, tuning=tuning),
-        "grouped": lambda: e._grouped(x, *_sorted_pairs(idx, weight)) + s(x[None])[0] + residual,
+        "grouped": lambda: e(x, idx, weight) + s(x[None])[0] + residual,  # Experts: grouped GEMMs on sm90+
     }
     return out
-
-
-def _sorted_pairs(idx: torch.Tensor, weight: torch.Tensor):
-    flat = idx.reshape(-1)
-    order = flat.argsort(stable=True)
-    return flat, order // idx.shape[1], weight.reshape(-1)[order]
 
 
 def main() -> None:
