@@ -167,7 +167,8 @@ def text_load(scheduler: Scheduler, n: int, prompt: int, new_tokens: int, arriva
     }
 
 
-def speech_load(scheduler: Scheduler, speech: SharedSpeech, n: int, prompt: int, arrival_s: float) -> dict:
+def speech_load(scheduler: Scheduler, speech: SharedSpeech, n: int, prompt: int, arrival_s: float,
+                trace: str | None = None) -> dict:
     from bench.speech import REPLY, scripted_reply
 
     words = [w + " " for w in REPLY.split()]
@@ -191,7 +192,12 @@ def speech_load(scheduler: Scheduler, speech: SharedSpeech, n: int, prompt: int,
     reset_peak()
     with warnings.catch_warnings(record=True) as caught:  # graph captures that failed (and fell back to eager)
         warnings.simplefilter("always")
+        tracing = threading.Thread(target=record_trace, args=(trace, arrival_s + 2.0, 3.0), daemon=True)
+        if trace:
+            tracing.start()
         wall = arrive(visits, arrival_s, work)
+        if trace:
+            tracing.join()
     done = [v for v in visits if not v.error and v.audio]
     firsts = [v.first_audio for v in done]
     return {
@@ -207,6 +213,21 @@ def speech_load(scheduler: Scheduler, speech: SharedSpeech, n: int, prompt: int,
         "ttft_p50_ms": 1000 * percentile([v.ttft for v in done], 50),
         "peak_memory_gib": peak_memory_gib(),
     }
+
+
+def record_trace(path: str, after_s: float, seconds: float) -> None:
+    """A Chrome trace of every thread's torch calls and the GPU's kernels, `seconds` long, starting `after_s` from
+    now (when all speaking visitors have arrived)."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.profiler import ProfilerActivity, profile
+
+    time.sleep(after_s)
+    every_thread = _ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, experimental_config=every_thread) as recording:
+        time.sleep(seconds)
+    recording.export_chrome_trace(path)
+    os.system(f"gzip -f {path}")
 
 
 def reset_peak() -> None:
@@ -251,6 +272,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny checkpoint")
     parser.add_argument("--max-active", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="prompt tokens per loop turn")
+    parser.add_argument("--only", choices=("text", "speech"), help="run one of the two loads (the report says so)")
+    parser.add_argument("--trace", metavar="FILE", help="also write a Chrome trace (CPU threads and GPU) of a few "
+                        "seconds in the middle of the speech load, gzipped, for chrome://tracing or Perfetto")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.tiny:
@@ -282,12 +306,18 @@ def main() -> None:
             print(label, row, flush=True)
             return row
 
-        rows = [measure(n, arrival_s if n > 1 else 0.0) for n in visitors]
-        # The same visitors all arriving at once: every prompt is prefilled first (one per turn, streams starting as
-        # they are ready), then all stream together for most of the run.
-        burst = [measure(n, 0.0, "at once:") for n in bursts]
-        spoken = speech_load(scheduler, speech, speakers, prompt, arrival_s)
-        print(spoken, flush=True)
+        rows, burst, spoken = [], [], None
+        if args.only != "speech":
+            rows = [measure(n, arrival_s if n > 1 else 0.0) for n in visitors]
+            # The same visitors all arriving at once: every prompt is prefilled first (one per turn, streams starting
+            # as they are ready), then all stream together for most of the run.
+            burst = [measure(n, 0.0, "at once:") for n in bursts]
+        if args.only != "text":
+            alone = speech_load(scheduler, speech, 1, prompt, 0.0)
+            print("one spoken reply alone:", alone, flush=True)
+            spoken = speech_load(scheduler, speech, speakers, prompt, arrival_s, trace=args.trace)
+            spoken["alone"] = alone
+            print(spoken, flush=True)
     finally:
         scheduler.close()
     report = {"card": card, "model": described, "date": datetime.date.today().isoformat(), "prompt": prompt,
@@ -295,12 +325,12 @@ def main() -> None:
               "arrival_s": arrival_s, "rows": scheduler.rows, "capacity": scheduler.capacity,
               "kv_gib": scheduler.kv_bytes / 2**30, "budget_gib": scheduler.budget / 2**30,
               "weights_gib": weights_gib, "copy_bandwidth_tbps": bandwidth / 1e12 if bandwidth else None,
-              "setup_s": setup_s, "text": rows, "text_at_once": burst, "speech": spoken}
+              "setup_s": setup_s, "only": args.only, "text": rows, "text_at_once": burst, "speech": spoken}
     write_report(report, args.out)
 
 
 def write_report(report: dict, out: str) -> None:
-    name = f"{report['date']}_{report['card'].replace(' ', '_')}_load"
+    name = f"{report['date']}_{report['card'].replace(' ', '_')}_load" + (f"_{report['only']}" if report.get("only") else "")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, name + ".json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -312,7 +342,7 @@ def write_report(report: dict, out: str) -> None:
              f"GiB budget; weights {r['weights_gib']:.1f} GiB. `python -m bench.load`.", "",
              "| visitors | aggregate tok/s | while all stream tok/s (window s) | per visitor tok/s (median / p5) | "
              "TTFT p50 / p95 ms | peak batch | peak memory GiB | roofline tok/s | of roofline |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"] if r["text"] else []
     for row in r["text"] + [dict(row, visitors=f"{row['visitors']} at once") for row in r.get("text_at_once", [])]:
         roofline = "- | -"
         if "roofline_tok_s" in row:
@@ -322,14 +352,20 @@ def write_report(report: dict, out: str) -> None:
         lines.append(f"| {row['visitors']} | {row['aggregate_tok_s']:.0f} | {steady} | {row['per_visitor_tok_s_median']:.0f} / "
                      f"{row['per_visitor_tok_s_p5']:.0f} | {row['ttft_p50_ms']:.0f} / {row['ttft_p95_ms']:.0f} | "
                      f"{row['peak_batch']} | {row['peak_memory_gib']:.1f} | {roofline} |")
-    s = r["speech"]
-    lines += ["", f"Spoken replies, {s['visitors']} visitors at once (0.5B-shape talker speaking for all at "
-              "once, flow decoder and vocoder shared sentence by sentence, earliest deadline first):", "",
-              "| first audio p50 / p95 ms | RTF per visitor (max) | longest stall s | audio per visitor s | "
-              "peak memory GiB |", "|---|---|---|---|---|",
-              f"| {s['first_audio_p50_ms']:.0f} / {s['first_audio_p95_ms']:.0f} | {s['rtf_max']:.2f} "
-              f"({', '.join(f'{x:.2f}' for x in s['rtf'])}) | {s['longest_stall_s']:.2f} | "
-              f"{s['audio_s_per_visitor']:.1f} | {s['peak_memory_gib']:.1f} |"]
+    s = r["speech"] or {"errors": []}
+    if r["speech"]:
+        lines += ["", f"Spoken replies, {s['visitors']} visitors at once (0.5B-shape talker speaking for all at "
+                  "once, flow decoder and vocoder shared sentence by sentence, earliest deadline first):", "",
+                  "| first audio p50 / p95 ms | RTF per visitor (max) | longest stall s | audio per visitor s | "
+                  "peak memory GiB |", "|---|---|---|---|---|",
+                  f"| {s['first_audio_p50_ms']:.0f} / {s['first_audio_p95_ms']:.0f} | {s['rtf_max']:.2f} "
+                  f"({', '.join(f'{x:.2f}' for x in s['rtf'])}) | {s['longest_stall_s']:.2f} | "
+                  f"{s['audio_s_per_visitor']:.1f} | {s['peak_memory_gib']:.1f} |"]
+    if s.get("alone", {}).get("flow_vocoder_s_per_sentence_median") is not None:
+        a = s["alone"]
+        lines += ["", f"The same reply spoken alone: first audio {a['first_audio_p50_ms']:.0f} ms, RTF {a['rtf_max']:.2f}, "
+                  f"per sentence talker {1000 * a['talker_s_per_sentence_median']:.0f} ms and flow + vocoder "
+                  f"{1000 * a['flow_vocoder_s_per_sentence_median']:.0f} ms."]
     if s.get("flow_vocoder_s_per_sentence_median") is not None:
         lines += ["", f"Per sentence (median of {s['sentences']}): talker {1000 * s['talker_s_per_sentence_median']:.0f} "
                   f"ms (waiting for a row included), flow + vocoder {1000 * s['flow_vocoder_s_per_sentence_median']:.0f} "
