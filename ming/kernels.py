@@ -8,7 +8,8 @@ PyTorch, also launch-bound: about 1,800 small kernels per token. These kernels r
 - the residual add + post-attention norm + router gate + softmax/top-k in one kernel;
 - the MoE with its (row, expert) pairs sorted by expert in blocks: each chosen expert's weights are read once for
   all the rows that chose it, on tensor cores, the shared expert alongside as more blocks, the weighted sum and the
-  residual add in a last small kernel; no host sync, so the step stays in a CUDA graph.
+  residual add in a last small kernel; no host sync, so the step stays in a CUDA graph. One row takes two GEMV
+  launches instead (no sort; the down projection sums the experts itself).
 The GEMV kernels serve up to `ming.layers.FEW_TOKENS` rows (cuBLAS above that); the MoE and attention kernels serve
 every decode batch. Where one kernel needs all its programs' results (the routing), the last program to finish does
 the reduction, found with an atomic ticket, instead of a separate launch.
@@ -104,6 +105,11 @@ class KernelTuning:
     gate_up_blocks: tuple[int, int, int] = (16, 128, 2)  # a dense MLP's gate/up (the talker's)
     decode_attention_chunk: int = 64
     sorted_moe_blocks: tuple[int, int, int, int, int] = (16, 64, 128, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    # (BLOCK_N, BLOCK_K, warps) of moe_one_row's gate/up and down kernels (untuned first guesses; bench/moe.py
+    # --tune). One row's ~138 MB of experts stream near copy bandwidth only with a few programs per multiprocessor
+    # (132 on an H200), each with several loads in flight: gate/up (6 experts + 2 shared pieces) x 1408 / 16 = 704
+    # programs; down 2048 / 4 = 512 programs, each over all 8 slots at once.
+    one_row_moe_blocks: tuple[tuple[int, int, int], tuple[int, int, int]] = ((16, 128, 2), (4, 128, 4))
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -115,6 +121,8 @@ DEFAULT_TUNING = KernelTuning()
 # into blocks of BLOCK_M (the idea of vLLM's fused MoE kernel); each block multiplies its rows by its expert's
 # weights on tensor cores, so every chosen expert is read once per step. The shared expert joins as more blocks,
 # cut into pieces of the experts' width. Four launches, no host sync: the step stays in a CUDA graph.
+# One row (the batch-1 step) needs no sort: `moe_one_row` reads the expert ids straight from the routing, in two
+# GEMV launches whose second one also sums the experts.
 UNUSED_BLOCK = tl.constexpr(1 << 30)
 
 
@@ -222,25 +230,33 @@ def _sorted_down_kernel(
 
 
 @triton.jit
+def _moe_output(routed, shared, residual_row, n, ok, PIECES: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                dtype: tl.constexpr):
+    """A token's MoE output at columns n: its weighted routed outputs, summed in slot order in float32
+    (deterministic), rounded once; plus the shared expert's pieces, summed in float32 and rounded once as one
+    linear layer; plus the residual row."""
+    out = routed.to(dtype)
+    if PIECES > 0:
+        out = out + shared.to(dtype)
+    if HAS_RESIDUAL:
+        out = out + tl.load(residual_row + n, mask=ok, other=0.0)
+    return out
+
+
+@triton.jit
 def _sum_experts_kernel(partial_ptr, residual_ptr, out_ptr, T: tl.constexpr, TOP_K: tl.constexpr, H: tl.constexpr,
                         PIECES: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = n < H
-    dtype = out_ptr.dtype.element_ty
-    # Routed outputs summed in slot order in float32 (deterministic), rounded once; the shared expert's pieces
-    # summed in float32, rounded once, as one linear layer.
     routed = tl.zeros([BLOCK], dtype=tl.float32)
     for s in tl.static_range(TOP_K):
         routed += tl.load(partial_ptr + (token * TOP_K + s) * H + n, mask=ok, other=0.0)
-    out = routed.to(dtype)
-    if PIECES > 0:
-        shared = tl.zeros([BLOCK], dtype=tl.float32)
-        for piece in tl.static_range(PIECES):
-            shared += tl.load(partial_ptr + (T * TOP_K + piece * T + token) * H + n, mask=ok, other=0.0)
-        out = out + shared.to(dtype)
-    if HAS_RESIDUAL:
-        out = out + tl.load(residual_ptr + token * H + n, mask=ok, other=0.0)
+    shared = tl.zeros([BLOCK], dtype=tl.float32)
+    for piece in tl.static_range(PIECES):
+        shared += tl.load(partial_ptr + (T * TOP_K + piece * T + token) * H + n, mask=ok, other=0.0)
+    out = _moe_output(routed, shared, residual_ptr + token * H, n, ok, PIECES, HAS_RESIDUAL,
+                      out_ptr.dtype.element_ty)
     tl.store(out_ptr + token * H + n, out, mask=ok)
 
 
@@ -264,11 +280,7 @@ def moe_sorted(
     T, H = x.shape
     E, I = w_gate.shape[0], w_gate.shape[1]
     top_k = topk_idx.shape[1]
-    i_shared = shared[0].shape[0] if shared is not None else 0
-    if i_shared % I:
-        raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
-    pieces = i_shared // I
-    s_gate, s_up, s_down = shared if shared is not None else (w_gate, w_up, w_down)
+    pieces, (s_gate, s_up, s_down) = _shared_pieces(shared, w_gate, w_up, w_down)
     block_m, bn, bk, warps, stages = tuning.sorted_moe_blocks
     pairs = T * top_k
     if pairs > 512:  # the sort runs in one program, which holds a pairs x experts table
@@ -299,6 +311,112 @@ def moe_sorted(
     _sum_experts_kernel[(T, triton.cdiv(H, block))](
         partial, residual.reshape(T, H).contiguous() if residual is not None else x, out, T=T, TOP_K=top_k, H=H,
         PIECES=pieces, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+def _shared_pieces(shared, w_gate, w_up, w_down) -> tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """How many pieces of the experts' width I the shared expert (gate, up [I_s, H], down [H, I_s]) is cut into,
+    and its weights (the routed ones stand in, never read, when there is none)."""
+    if shared is None:
+        return 0, (w_gate, w_up, w_down)
+    I, i_shared = w_gate.shape[1], shared[0].shape[0]
+    if i_shared % I:
+        raise ValueError(f"the shared expert's width {i_shared} is not a multiple of the experts' {I}")
+    return i_shared // I, shared
+
+
+# One row: the `moe_sorted` math for a batch-1 step in two launches. Slot j < TOP_K is the token's j-th chosen
+# expert, slot TOP_K + p the shared expert's piece p.
+@triton.jit
+def _one_row_gate_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
+                            TOP_K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    slot = tl.program_id(0)
+    if slot < TOP_K:
+        expert = tl.load(idx_ptr + slot)  # int64: offsets into the stacked experts pass 2**31
+        gate_ptr, up_ptr = w_gate_ptr + expert * I * H, w_up_ptr + expert * I * H
+    else:
+        gate_ptr, up_ptr = s_gate_ptr + (slot - TOP_K) * I * H, s_up_ptr + (slot - TOP_K) * I * H
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dtype = h_ptr.dtype.element_ty
+    h = _swiglu_rows(x_ptr, gate_ptr, up_ptr, rows, H, I, BLOCK_N, BLOCK_K, dtype)
+    tl.store(h_ptr + slot * I + rows, h.to(dtype), mask=rows < I)
+
+
+@triton.jit
+def _one_row_down_kernel(h_ptr, idx_ptr, weight_ptr, w_down_ptr, s_down_ptr, residual_ptr, out_ptr,
+                         TOP_K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, PIECES: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr, SLOTS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    slot = tl.arange(0, SLOTS_P2)
+    routed = slot < TOP_K
+    used = slot < TOP_K + PIECES
+    expert = tl.load(idx_ptr + slot, mask=routed, other=0)
+    # Each slot's [H, I] down weights: its expert's, or a column block of the shared [H, PIECES * I].
+    w_slot = tl.where(routed, w_down_ptr + expert * H * I, s_down_ptr + (slot - TOP_K) * I)
+    stride = tl.where(routed, I, PIECES * I)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < H
+    # All slots in one tile: every loop step has each slot's weights in flight at once.
+    acc = tl.zeros([SLOTS_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < I
+        h = tl.load(h_ptr + slot[:, None] * I + k[None, :], mask=used[:, None] & k_ok[None, :], other=0.0)
+        w_at = w_slot[:, None, None] + n[None, :, None] * stride[:, None, None] + k[None, None, :]
+        w_ok = used[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
+        acc += tl.load(w_at, mask=w_ok, other=0.0).to(tl.float32) * h.to(tl.float32)[:, None, :]
+    dtype = out_ptr.dtype.element_ty
+    y = tl.sum(acc, axis=2)  # [SLOTS_P2, BLOCK_N]
+    # Each expert's output rounded (as its own linear layer would be), then weighted by its router weight.
+    weight = tl.load(weight_ptr + slot, mask=routed, other=0.0)
+    y = tl.where(routed[:, None], y.to(dtype).to(tl.float32) * weight[:, None], y)
+    # Slot by slot, in order (picking a slot's row sums exact zeros with it): the sums moe_sorted makes.
+    routed_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(TOP_K):
+        routed_sum += tl.sum(tl.where(slot[:, None] == s, y, 0.0), axis=0)
+    shared_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(TOP_K, TOP_K + PIECES):
+        shared_sum += tl.sum(tl.where(slot[:, None] == s, y, 0.0), axis=0)
+    out = _moe_output(routed_sum, shared_sum, residual_ptr, n, n_ok, PIECES, HAS_RESIDUAL, dtype)
+    tl.store(out_ptr + n, out, mask=n_ok)
+
+
+def moe_one_row(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
+    tuning: KernelTuning = DEFAULT_TUNING,
+) -> torch.Tensor:
+    """`moe_sorted` for one row x [1, H] (the batch-1 decode step), same arguments and the same roundings, in two
+    launches: SwiGLU of the chosen experts and the shared expert's pieces side by side, then one down projection
+    over all of them that also weights, sums and adds the residual."""
+    T, H = x.shape
+    if T != 1:
+        raise ValueError(f"moe_one_row takes one row, got {T}")
+    I = w_gate.shape[1]
+    top_k = topk_idx.shape[1]
+    pieces, (s_gate, s_up, s_down) = _shared_pieces(shared, w_gate, w_up, w_down)
+    slots = top_k + pieces
+    idx = topk_idx.contiguous()
+    (bn, bk, warps), (down_bn, down_bk, down_warps) = tuning.one_row_moe_blocks
+    h = torch.empty(slots, I, dtype=x.dtype, device=x.device)
+    _one_row_gate_up_kernel[(slots, triton.cdiv(I, bn))](
+        x.contiguous(), idx, w_gate, w_up, s_gate, s_up, h, TOP_K=top_k, H=H, I=I, BLOCK_N=bn,
+        BLOCK_K=min(bk, triton.next_power_of_2(H)), num_warps=warps,
+    )
+    out = torch.empty_like(x)
+    _one_row_down_kernel[(triton.cdiv(H, down_bn),)](
+        h, idx, topk_weight.float().contiguous(), w_down, s_down,
+        residual.reshape(1, H).contiguous() if residual is not None else x, out, TOP_K=top_k, H=H, I=I,
+        PIECES=pieces, HAS_RESIDUAL=residual is not None, SLOTS_P2=triton.next_power_of_2(slots), BLOCK_N=down_bn,
+        BLOCK_K=min(down_bk, triton.next_power_of_2(I)), num_warps=down_warps,
     )
     return out
 

@@ -213,10 +213,12 @@ class SparseMoeBlock(nn.Module, TunedKernels):
             routing = self.route(self.router_logits(flat, None if router_ids is None else router_ids.reshape(-1)))
         topk_idx, topk_weight = routing
         if decode_batch(x):
-            # The rows sorted by expert: each chosen expert read once for all of its rows, the shared one alongside.
+            # The rows sorted by expert: each chosen expert read once for all of its rows, the shared one alongside
+            # (one row needs no sort: two launches instead of four).
             e, shared = self.experts, self.shared_experts
             shared_weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
-            y = kernels.moe_sorted(
+            moe = kernels.moe_one_row if flat.shape[0] == 1 else kernels.moe_sorted
+            y = moe(
                 flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights,
                 None if residual is None else residual.reshape(-1, H), self.kernel_tuning,
             )

@@ -58,40 +58,91 @@ def test_grouped_gemm_experts_match_the_loop_in_bf16():
     assert err < 2e-2, err
 
 
+def bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cuda", torch.bfloat16)
+
+
+def moe_problem(experts, top_k: int, tokens: int, seed: int, with_shared: bool = True, idx=None):
+    """A routed MoE problem on `experts` (`tiny_experts()` or `full_size_experts()`): the bf16 CUDA arguments of
+    kernels.moe_sorted / moe_one_row (x, topk_idx, topk_weight, the weights, the shared expert of width 2 I or
+    None), a bf16 residual, and the float32 loop's result without the residual. `idx` [tokens, top_k] overrides the
+    routing's expert choice (its weights stay)."""
+    weights, cuda_weights = experts
+    w_gate, w_up, w_down = weights
+    E, I, H = w_gate.shape
+    gen = torch.Generator().manual_seed(seed)
+    shared = [torch.randn(shape, generator=gen) / shape[1] ** 0.5 for shape in ((2 * I, H), (2 * I, H), (H, 2 * I))]
+    x = torch.randn(tokens, H, generator=gen)
+    weight, chosen = torch.randn(tokens, E, generator=gen).softmax(-1).topk(top_k)
+    weight = weight / weight.sum(-1, keepdim=True)
+    chosen = chosen if idx is None else torch.tensor(idx)
+    residual = torch.randn(tokens, H, generator=gen)
+    loop = Experts(tiny_config().llm_config)
+    loop.gate_proj.data, loop.up_proj.data, loop.down_proj.data = w_gate, w_up, w_down
+    want = loop(x, chosen, weight)
+    if with_shared:
+        gate, up, down = shared
+        want = want + (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    args = (bf16(x), chosen.cuda(), weight.cuda(), *cuda_weights, tuple(map(bf16, shared)) if with_shared else None)
+    return args, bf16(residual), want
+
+
+def tiny_experts():
+    """The tiny model's stacked experts (gate, up [E, I, H], down [E, H, I]): float32 on the CPU, and in bf16 on
+    the GPU."""
+    experts = Experts(tiny_config().llm_config)
+    experts.load_state_dict({k: tiny_tensor("e." + k, tuple(v.shape)) for k, v in experts.state_dict().items()})
+    weights = experts.gate_proj.data, experts.up_proj.data, experts.down_proj.data
+    return weights, tuple(map(bf16, weights))
+
+
+def full_size_experts():
+    """Random experts of the release's shapes (E=64, I=1408, H=2048), as `tiny_experts`."""
+    gen = torch.Generator().manual_seed(64)
+    weights = (torch.randn(64, 1408, 2048, generator=gen) / 45, torch.randn(64, 1408, 2048, generator=gen) / 45,
+               torch.randn(64, 2048, 1408, generator=gen) / 38)
+    return weights, tuple(map(bf16, weights))
+
+
 def test_triton_decode_experts_match_the_loop_in_bf16():
     """The decode MoE kernels (rows sorted by expert, shared expert, residual) against the float32 loop, on the tiny
     shapes and on the full-size shapes (E=64, top-6, I=1408, shared 2816, H=2048), from one row to 64."""
     from ming import kernels
 
-    config = tiny_config().llm_config
-    experts = Experts(config)
-    experts.load_state_dict({k: tiny_tensor("e." + k, tuple(v.shape)) for k, v in experts.state_dict().items()})
-    tiny = (experts.gate_proj, experts.up_proj, experts.down_proj)
-    full = (torch.randn(64, 1408, 2048) / 45, torch.randn(64, 1408, 2048) / 45, torch.randn(64, 2048, 1408) / 38)
-    for (w_gate, w_up, w_down), top_k, tokens in ((tiny, 3, 2), (tiny, 3, 37), (full, 6, 1), (full, 6, 16), (full, 6, 64)):
-        E, I, H = w_gate.shape
-        gen = torch.Generator().manual_seed(E)
-        shared = [torch.randn(shape, generator=gen) / shape[1] ** 0.5 for shape in ((2 * I, H), (2 * I, H), (H, 2 * I))]
-        x = torch.randn(tokens, H, generator=gen)
-        weight, idx = torch.randn(tokens, E, generator=gen).softmax(-1).topk(top_k)
-        weight = weight / weight.sum(-1, keepdim=True)
-        residual = torch.randn(tokens, H, generator=gen)
+    tiny, full = tiny_experts(), full_size_experts()
+    for experts, top_k, tokens in ((tiny, 3, 2), (tiny, 3, 37), (full, 6, 1), (full, 6, 16), (full, 6, 64)):
+        args, residual, want = moe_problem(experts, top_k, tokens, seed=tokens)
+        got = kernels.moe_sorted(*args, residual)
+        err = ((got.float().cpu() - residual.float().cpu() - want).norm() / want.norm()).item()
+        assert err < 2e-2, (tokens, err)
+        assert torch.equal(kernels.moe_sorted(*args, residual), got)  # deterministic
 
-        def bf16(t):
-            return t.to("cuda", torch.bfloat16)
 
-        args = (
-            bf16(x), idx.cuda(), weight.cuda(), *map(bf16, (w_gate, w_up, w_down)), tuple(map(bf16, shared)),
-            bf16(residual),
-        )
-        got = kernels.moe_sorted(*args)
-        loop = Experts(config)
-        loop.gate_proj.data, loop.up_proj.data, loop.down_proj.data = w_gate, w_up, w_down
-        gate, up, down = shared
-        want = loop(x, idx, weight) + (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
-        err = ((got.float().cpu() - residual - want).norm() / want.norm()).item()
-        assert err < 2e-2, (E, err)
-        assert torch.equal(kernels.moe_sorted(*args), got)  # deterministic
+def test_one_row_moe_matches_the_loop_in_bf16():
+    """kernels.moe_one_row (the batch-1 step's MoE: expert ids read from the routing, two launches) against the
+    float32 loop and against moe_sorted at one row: full-size and tiny shapes, with and without the shared expert and
+    the residual, several routings, among them the first and last experts and one expert chosen twice."""
+    from ming import kernels
+
+    tiny, full = tiny_experts(), full_size_experts()
+    cases = [(full, 6, seed, True, None) for seed in range(4)] + [
+        (full, 6, 4, False, None),
+        (full, 6, 5, True, [[63, 0, 1, 62, 31, 32]]),
+        (full, 6, 6, True, [[7, 7, 8, 9, 10, 11]]),
+        (tiny, 3, 7, True, None),
+        (tiny, 3, 8, False, [[0, 0, 7]]),
+    ]
+    for experts, top_k, seed, with_shared, idx in cases:
+        args, residual, want = moe_problem(experts, top_k, 1, seed, with_shared, idx)
+        for res in (None, residual):
+            got = kernels.moe_one_row(*args, res)
+            assert got.shape == args[0].shape and got.dtype == args[0].dtype
+            plain = got.float().cpu() - (0 if res is None else res.float().cpu())
+            err = ((plain - want).norm() / want.norm()).item()
+            assert err < 2e-2, (seed, res is None, err)
+            sorted_ = kernels.moe_sorted(*args, res)
+            assert ((got.float() - sorted_.float()).norm() / sorted_.float().norm()).item() < 1e-2, seed
+            assert torch.equal(kernels.moe_one_row(*args, res), got)  # deterministic
 
 
 def test_triton_gemv_matches_linear():
