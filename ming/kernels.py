@@ -272,7 +272,8 @@ def moe_sorted(
     residual: torch.Tensor | None = None,
     tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
-    """The MoE block for a decode batch (1 to 64 rows), reading each chosen expert once for all its rows.
+    """The MoE block for a decode batch (up to 64 rows; the decode step takes `moe_one_row` at one), reading each
+    chosen expert once for all its rows.
 
     x [T, H]; topk_idx / topk_weight [T, k]; stacked weights gate/up [E, I, H], down [E, H, I]; optional shared
     expert (gate, up [I_s, H], down [H, I_s]). Returns [T, H] in x's dtype, plus `residual` [T, H] if given. Each
@@ -335,7 +336,7 @@ def _one_row_gate_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_
                             BLOCK_K: tl.constexpr):
     slot = tl.program_id(0)
     if slot < TOP_K:
-        expert = tl.load(idx_ptr + slot)  # int64: offsets into the stacked experts pass 2**31
+        expert = tl.load(idx_ptr + slot)  # int64 (topk_idx's dtype): offsets into a large stack cannot overflow
         gate_ptr, up_ptr = w_gate_ptr + expert * I * H, w_up_ptr + expert * I * H
     else:
         gate_ptr, up_ptr = s_gate_ptr + (slot - TOP_K) * I * H, s_up_ptr + (slot - TOP_K) * I * H
