@@ -349,38 +349,48 @@ def _one_row_gate_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_
 @triton.jit
 def _one_row_down_kernel(h_ptr, idx_ptr, weight_ptr, w_down_ptr, s_down_ptr, residual_ptr, out_ptr,
                          TOP_K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, PIECES: tl.constexpr,
-                         HAS_RESIDUAL: tl.constexpr, SLOTS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    slot = tl.arange(0, SLOTS_P2)
-    routed = slot < TOP_K
-    used = slot < TOP_K + PIECES
-    expert = tl.load(idx_ptr + slot, mask=routed, other=0)
-    # Each slot's [H, I] down weights: its expert's, or a column block of the shared [H, PIECES * I].
-    w_slot = tl.where(routed, w_down_ptr + expert * H * I, s_down_ptr + (slot - TOP_K) * I)
-    stride = tl.where(routed, I, PIECES * I)
+                         HAS_RESIDUAL: tl.constexpr, TOP_K_P2: tl.constexpr, PIECES_P2: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < H
-    # All slots in one tile: every loop step has each slot's weights in flight at once.
-    acc = tl.zeros([SLOTS_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    slot = tl.arange(0, TOP_K_P2)
+    routed = slot < TOP_K
+    piece = tl.arange(0, PIECES_P2)
+    pieced = piece < PIECES
+    # Rows n of each chosen expert's [H, I] down weights, and of each piece (a column block) of the shared expert's
+    # [H, PIECES * I]: two tiles, so that every loop step has all their weights in flight. (One tile through a
+    # tl.where of the two pointers would hide their alignment from the compiler: 2-byte loads.)
+    expert = tl.load(idx_ptr + slot, mask=routed, other=0)
+    routed_rows = w_down_ptr + expert[:, None] * H * I + n[None, :] * I  # [TOP_K_P2, BLOCK_N]
+    shared_rows = s_down_ptr + piece[:, None] * I + n[None, :] * (PIECES * I)  # [PIECES_P2, BLOCK_N]
+    routed_ok = routed[:, None] & n_ok[None, :]
+    shared_ok = pieced[:, None] & n_ok[None, :]
+    acc_routed = tl.zeros([TOP_K_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_shared = tl.zeros([PIECES_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, I, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < I
-        h = tl.load(h_ptr + slot[:, None] * I + k[None, :], mask=used[:, None] & k_ok[None, :], other=0.0)
-        w_at = w_slot[:, None, None] + n[None, :, None] * stride[:, None, None] + k[None, None, :]
-        w_ok = used[:, None, None] & n_ok[None, :, None] & k_ok[None, None, :]
-        acc += tl.load(w_at, mask=w_ok, other=0.0).to(tl.float32) * h.to(tl.float32)[:, None, :]
+        h = tl.load(h_ptr + slot[:, None] * I + k[None, :], mask=routed[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(routed_rows[:, :, None] + k[None, None, :], mask=routed_ok[:, :, None] & k_ok[None, None, :],
+                    other=0.0)
+        acc_routed += w.to(tl.float32) * h.to(tl.float32)[:, None, :]
+        h = tl.load(h_ptr + (TOP_K + piece[:, None]) * I + k[None, :], mask=pieced[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(shared_rows[:, :, None] + k[None, None, :], mask=shared_ok[:, :, None] & k_ok[None, None, :],
+                    other=0.0)
+        acc_shared += w.to(tl.float32) * h.to(tl.float32)[:, None, :]
     dtype = out_ptr.dtype.element_ty
-    y = tl.sum(acc, axis=2)  # [SLOTS_P2, BLOCK_N]
     # Each expert's output rounded (as its own linear layer would be), then weighted by its router weight.
     weight = tl.load(weight_ptr + slot, mask=routed, other=0.0)
-    y = tl.where(routed[:, None], y.to(dtype).to(tl.float32) * weight[:, None], y)
-    # Slot by slot, in order (picking a slot's row sums exact zeros with it): the sums moe_sorted makes.
+    routed_y = tl.sum(acc_routed, axis=2).to(dtype).to(tl.float32) * weight[:, None]  # [TOP_K_P2, BLOCK_N]
+    shared_y = tl.sum(acc_shared, axis=2)  # [PIECES_P2, BLOCK_N]
+    # Summed one slot (one piece) at a time, in order, as moe_sorted does (taking a row sums exact zeros with it).
     routed_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s in tl.static_range(TOP_K):
-        routed_sum += tl.sum(tl.where(slot[:, None] == s, y, 0.0), axis=0)
+    for j in tl.static_range(TOP_K):
+        routed_sum += tl.sum(tl.where(slot[:, None] == j, routed_y, 0.0), axis=0)
     shared_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s in tl.static_range(TOP_K, TOP_K + PIECES):
-        shared_sum += tl.sum(tl.where(slot[:, None] == s, y, 0.0), axis=0)
+    for p in tl.static_range(PIECES):
+        shared_sum += tl.sum(tl.where(piece[:, None] == p, shared_y, 0.0), axis=0)
     out = _moe_output(routed_sum, shared_sum, residual_ptr, n, n_ok, PIECES, HAS_RESIDUAL, dtype)
     tl.store(out_ptr + n, out, mask=n_ok)
 
@@ -417,8 +427,9 @@ def moe_one_row(
     _one_row_down_kernel[(triton.cdiv(H, down_bn),)](
         h, idx, topk_weight.float().contiguous(), w_down, s_down,
         residual.reshape(1, H).contiguous() if residual is not None else x, out, TOP_K=top_k, H=H, I=I,
-        PIECES=pieces, HAS_RESIDUAL=residual is not None, SLOTS_P2=triton.next_power_of_2(slots), BLOCK_N=down_bn,
-        BLOCK_K=min(down_bk, triton.next_power_of_2(I)), num_warps=down_warps,
+        PIECES=pieces, HAS_RESIDUAL=residual is not None, TOP_K_P2=triton.next_power_of_2(top_k),
+        PIECES_P2=triton.next_power_of_2(max(pieces, 1)), BLOCK_N=down_bn, BLOCK_K=min(down_bk, triton.next_power_of_2(I)),
+        num_warps=down_warps,
     )
     return out
 
