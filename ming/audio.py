@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import SANMConfig
+from .layers import sdpa
 
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
@@ -276,9 +277,7 @@ class SANMAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-        attended = F.scaled_dot_product_attention(
-            heads(query), heads(key), heads(value), attn_mask=key_mask[:, None, None, :]
-        )
+        attended = sdpa(heads(query), heads(key), heads(value), key_mask[:, None, None, :])
         attended = attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return self.linear_out(attended) + memory
 

@@ -32,7 +32,10 @@ except ImportError:
     kernels = None
     DEFAULT_TUNING = KernelTuning = None
 
-FEW_TOKENS = 8  # at most this many rows take the fused GEMV kernels; more rows take cuBLAS
+# At most this many rows take the fused GEMV kernels, which read each weight row once per token; more rows take
+# cuBLAS, which reads it once for all. Measured on an H200 (thinker decode, tok/s at batch 1/2/4/8): GEMVs up to 8
+# rows 459/665/887/1,201, up to 2 rows 449/670/936/1,377 (a talker speaking for 8 replies gains the same way).
+FEW_TOKENS = 2
 DECODE_BATCH = 64  # up to this many rows, the MoE reads its experts through the decode kernels (not grouped GEMMs)
 
 
@@ -264,9 +267,20 @@ def attend(
         k, v = cache
         if L == 1:
             return grouped_decode_attention(q, k, v, mask).view(B, 1, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                         enable_gqa=num_kv_heads != num_heads)
+    out = sdpa(q, k, v, mask, is_causal=mask is None, enable_gqa=num_kv_heads != num_heads)
     return out.transpose(1, 2).reshape(B, L, -1)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+         is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, never through cuDNN's fused attention on the GPU: cuDNN builds an execution
+    plan for every new sequence length (50-100 ms each on an H200: a spoken sentence's flow decoder took 370 ms with
+    it and 220 ms without, and 160 ms either way for a length seen before), and prompts, sentences, audio clips and
+    images all come in new lengths. Flash and memory-efficient attention have no such cost. The switch is
+    process-wide (torch's backend switches are global), so it is simply turned off on the first GPU call."""
+    if q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
 def write_cache_(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ming.configs import VisionConfig
+from ming.layers import sdpa
 
 ROPE_THETA = 10000.0
 
@@ -107,7 +108,7 @@ class VisionAttention(nn.Module):
         for index in segments.groups:
             q_runs, k_runs = qk[index].permute(2, 0, 3, 1, 4)  # each [runs, heads, length, head_dim]
             v_runs = v[index].transpose(1, 2)
-            attended = F.scaled_dot_product_attention(q_runs, k_runs, v_runs)
+            attended = sdpa(q_runs, k_runs, v_runs)
             out[index.flatten()] = attended.transpose(1, 2).reshape(-1, hidden)
         return self.proj(out)
 
