@@ -208,6 +208,8 @@ def load_engine(requested: str | None = None) -> Engine:
                      speaker_model_problem=speaker_problem)
     if use_scheduler():
         _ENGINE.scheduler  # now: budget from the memory left after loading, steps captured before any visitor
+        if speech is not None:
+            speech.detokenizer.flow.capture_loops()  # likewise the flow decoder's loop per padded length
     return _ENGINE
 
 

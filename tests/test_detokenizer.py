@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ming.speech.detokenizer import AudioDetokenizer, read_yaml
 from ming.testing.speech import write_tiny_detokenizer
-from ming.speech.flow import FlowConfig, mel_frame_count
+from ming.speech.flow import FlowConfig, frame_bucket, mel_frame_count
 from ming.speech.hift import HiFTConfig, fold_weight_norm
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "detokenizer")
@@ -245,3 +245,32 @@ def test_half_precision_runs(talker_dir, detok):
     wave = detok.mel_to_wave(mel, generator=torch.Generator().manual_seed(0))
     wave_half = half.mel_to_wave(mel, generator=torch.Generator().manual_seed(0))
     assert wave_half.dtype == torch.float32 and relative_error(wave_half, wave) < 0.1
+
+
+# --- padded utterances (the GPU's captured loop per padded length) ------------------------------------------------
+
+
+@pytest.mark.parametrize("frames", [1, 37, 64, 101])
+def test_padded_utterance_decodes_as_the_unpadded_one(detok, frames):
+    """The Euler loop over a padded utterance with its frame mask (what the GPU replays for every length up to a
+    bucket) gives the unpadded utterance's mel on the real frames: odd and even lengths, the halved U-Net level
+    included, and padding that holds garbage (the mask must keep it out, not luck)."""
+    flow = detok.flow.decoder
+    generator = torch.Generator().manual_seed(frames)
+    noise = torch.randn(1, 80, frames, generator=generator)
+    mu = torch.randn(1, 80, frames, generator=generator)
+    speaker = torch.randn(1, 80, generator=generator)
+    padded = frame_bucket(frames)
+    assert padded % 2 == 0 and padded >= frames
+    mask = torch.zeros(1, 1, padded)
+    mask[..., :frames] = 1
+    garbage = torch.randn(1, 80, padded - frames, generator=generator)
+    with torch.inference_mode():
+        want = flow.solve(noise, mu, speaker, 4)
+        got = flow.solve(torch.cat([noise, garbage], -1), torch.cat([mu, garbage.flip(-1)], -1), speaker, 4, mask)
+    torch.testing.assert_close(got[..., :frames], want, rtol=1e-4, atol=1e-4)
+
+
+def test_frame_buckets_cover_every_length_up_to_the_limit():
+    assert [frame_bucket(n) for n in (1, 128, 129, 1024, 1025, 4096)] == [128, 128, 256, 1024, 2048, 4096]
+    assert frame_bucket(4097) is None

@@ -8,20 +8,27 @@ Pipeline for one utterance:
   guidance -> 80-bin log-mel at 22,050 Hz / hop 256.
 
 Module attribute paths equal the release's `flow.pt` keys (e.g. `decoder.estimator.mid_blocks.3.1.0.attn1.to_q.weight`),
-so the release state dict loads as is. Only single, unpadded utterances are decoded, which is how the release
-runs it (batch 1); padding masks therefore reduce to all-ones and are left out.
+so the release state dict loads as is. One utterance is decoded at a time, as the release does (batch 1).
+
+On a GPU the Euler loop runs from a CUDA graph captured once per padded length (`frame_bucket`): the U-Net then
+takes a frame mask, zeroes the padding before every convolution, normalises groups over the real frames only and
+keeps padded keys out of attention, so a padded utterance's real frames get what the unpadded one gets (up to float
+rounding; tests/test_detokenizer.py). Capturing per utterance instead cost ~100 ms of Python per sentence, far
+more than the GPU work, and several visitors speaking at once queue behind that. Elsewhere (the CPU, graphs off)
+the loop runs eagerly on the unpadded utterance.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import CapturedStep, graphs_allowed
+from ..layers import CapturedStep, graphs_allowed, sdpa
 
 
 @dataclass
@@ -274,13 +281,30 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, mask: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` with each group's mean and variance taken over the real frames only: x [B, C, T], mask [B, 1, T]
+    (1 real, 0 padding)."""
+    B, C, T = x.shape
+    groups = norm.num_groups
+    xg = x.float().view(B, groups, C // groups, T)
+    m = mask.float().view(B, 1, 1, T)
+    count = m.sum(dim=(2, 3), keepdim=True) * (C // groups)
+    mean = (xg * m).sum(dim=(2, 3), keepdim=True) / count
+    var = ((xg - mean) * m).square().sum(dim=(2, 3), keepdim=True) / count
+    y = ((xg - mean) * torch.rsqrt(var + norm.eps)).view(B, C, T)
+    return (y * norm.weight.float()[:, None] + norm.bias.float()[:, None]).to(x.dtype)
+
+
 class Block1D(nn.Module):
     def __init__(self, dim: int, dim_out: int, groups: int = 8):
         super().__init__()
         self.block = nn.Sequential(nn.Conv1d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out), nn.Mish())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return self.block(x)
+        conv, norm, activation = self.block
+        return activation(masked_group_norm(conv(x * mask), norm, mask))
 
 
 class ResnetBlock1D(nn.Module):
@@ -293,9 +317,9 @@ class ResnetBlock1D(nn.Module):
         self.block2 = Block1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x) + self.mlp(time_emb).unsqueeze(-1)
-        return self.block2(h) + self.res_conv(x)
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.block1(x, mask) + self.mlp(time_emb).unsqueeze(-1)
+        return self.block2(h, mask) + self.res_conv(x)
 
 
 class Downsample1D(nn.Module):
@@ -328,15 +352,17 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim]; key_mask [B, T] bool (False: padding no query may see), or None."""
         batch, length, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, length, self.num_heads, -1).transpose(1, 2)
 
-        # The release hands diffusers a 0/1 float mask, which it *adds* to the scores; for one unpadded utterance
-        # that is a constant shift, which softmax ignores, so no mask is needed.
-        out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)))
+        # The release hands diffusers a 0/1 float mask, which it *adds* to the scores; over the real frames that is a
+        # constant shift, which softmax ignores, so only padding needs masking.
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = sdpa(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)), mask)
         return self.to_out[0](out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -369,17 +395,23 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), key_mask)
         return x + self.ff(self.norm3(x))
 
 
-def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """Apply transformer blocks to a [B, C, T] feature map."""
+def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply transformer blocks to a [B, C, T] feature map (mask [B, 1, T] or None)."""
+    key_mask = None if mask is None else mask[:, 0] > 0
     x = x.transpose(1, 2)
     for block in blocks:
-        x = block(x)
+        x = block(x, key_mask)
     return x.transpose(1, 2)
+
+
+def _zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x with its padded frames zeroed, as a convolution of the unpadded utterance sees beyond its ends."""
+    return x if mask is None else x * mask
 
 
 class ConditionalUNet(nn.Module):
@@ -430,26 +462,43 @@ class ConditionalUNet(nn.Module):
         self.final_proj = nn.Conv1d(up_channels[-1], config.output_size, 1)
 
     def forward(
-        self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, speaker: torch.Tensor, cond: torch.Tensor
+        self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, speaker: torch.Tensor, cond: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x, mu, cond [B, 80, T]; t [B]; speaker [B, 80] -> velocity [B, 80, T]"""
+        """x, mu, cond [B, 80, T]; t [B]; speaker [B, 80] -> velocity [B, 80, T]. mask [B, 1, T] (1 real, 0 padding;
+        T even) or None: no padding."""
         time_emb = self.time_mlp(timestep_sinusoids(t, self.in_channels).to(x.dtype))
         speaker = speaker.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         x = torch.cat([x, mu, speaker, cond], dim=1)
 
-        skips = []
+        skips, masks = [], []
         for resnet, blocks, downsample in self.down_blocks:
-            x = _run_transformers(blocks, resnet(x, time_emb))
+            x = _run_transformers(blocks, resnet(x, time_emb, mask), mask)
             skips.append(x)
-            x = downsample(x)
+            masks.append(mask)
+            x = downsample(_zero_padding(x, mask))
+            if mask is not None and isinstance(downsample, Downsample1D):
+                mask = mask[:, :, ::2]  # frame j of the halved map is real when frame 2j was
         for resnet, blocks in self.mid_blocks:
-            x = _run_transformers(blocks, resnet(x, time_emb))
+            x = _run_transformers(blocks, resnet(x, time_emb, mask), mask)
         for resnet, blocks, upsample in self.up_blocks:
-            skip = skips.pop()
+            skip, mask = skips.pop(), masks.pop()
             # an odd length comes back one frame longer from the transposed conv: crop to the skip
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
-            x = upsample(_run_transformers(blocks, resnet(x, time_emb)))
-        return self.final_proj(self.final_block(x))
+            x = upsample(_zero_padding(_run_transformers(blocks, resnet(x, time_emb, mask), mask), mask))
+        return self.final_proj(self.final_block(x, mask))
+
+
+FRAME_BUCKET = 128  # the GPU pads an utterance's frames to a multiple of this (one captured loop per multiple)
+MAX_BUCKETED_FRAMES = 4096  # ~48 s; past 1,024 frames the padded lengths double. Longer runs eagerly, unpadded.
+
+
+def frame_bucket(frames: int) -> int | None:
+    """The padded length whose captured Euler loop decodes an utterance of `frames` mel frames, or None (too long)."""
+    if frames <= 1024:
+        return max(FRAME_BUCKET, -(-frames // FRAME_BUCKET) * FRAME_BUCKET)
+    padded = 1 << (frames - 1).bit_length()
+    return padded if padded <= MAX_BUCKETED_FRAMES else None
 
 
 class ConditionalFlowMatching(nn.Module):
@@ -460,6 +509,11 @@ class ConditionalFlowMatching(nn.Module):
         self.cfg_rate = config.inference_cfg_rate
         self.t_scheduler = config.t_scheduler
         self.estimator = ConditionalUNet(config)
+        self.captured: dict[tuple[int, int], CapturedSolve] = {}  # per (padded frames, steps), on a GPU
+
+    def _apply(self, fn, *args, **kwargs):
+        self.captured.clear()  # captured for the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def time_grid(self, n_timesteps: int, device: torch.device) -> torch.Tensor:
         t = torch.linspace(0, 1, n_timesteps + 1, device=device)
@@ -470,7 +524,22 @@ class ConditionalFlowMatching(nn.Module):
     def forward(
         self, noise: torch.Tensor, mu: torch.Tensor, speaker: torch.Tensor, n_timesteps: int
     ) -> torch.Tensor:
-        """noise, mu [1, 80, T]; speaker [1, 80] -> mel [1, 80, T] (float32)."""
+        """noise, mu [1, 80, T]; speaker [1, 80] -> mel [1, 80, T] (float32). On a GPU, from the captured loop of
+        T's padded length (captured on first use); elsewhere eagerly."""
+        padded = frame_bucket(mu.shape[-1])
+        if not graphs_allowed(mu.device) or padded is None:
+            return self.solve(noise, mu, speaker, n_timesteps)
+        key = (padded, n_timesteps)
+        if key not in self.captured:
+            self.captured[key] = CapturedSolve(self, padded, n_timesteps, mu, speaker)
+        return self.captured[key](noise, mu, speaker)
+
+    def solve(
+        self, noise: torch.Tensor, mu: torch.Tensor, speaker: torch.Tensor, n_timesteps: int,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The Euler loop: noise, mu [1, 80, T]; speaker [1, 80] -> mel [1, 80, T] (float32). With `mask` [1, 1, T]
+        the utterance is the real frames of a padded one (padding zero in noise and mu)."""
         dtype = mu.dtype
         cond = torch.zeros_like(mu)  # the prompt-mel condition; the Preview never fills it
         guided = self.cfg_rate > 0
@@ -478,17 +547,13 @@ class ConditionalFlowMatching(nn.Module):
             mu = torch.cat([mu, torch.zeros_like(mu)])
             speaker = torch.cat([speaker, torch.zeros_like(speaker)])
             cond = torch.cat([cond, cond])
+            mask = None if mask is None else mask.expand(2, -1, -1)
         x = noise.float()
         t_grid = self.time_grid(n_timesteps, x.device)
-        estimate = self.estimator
         for step in range(n_timesteps):
             t = t_grid[step].expand(mu.shape[0])
             x_in = x.to(dtype).expand(mu.shape[0], -1, -1)
-            velocity = estimate(x_in, mu, t, speaker, cond).float()
-            if step == 0 and n_timesteps > 1 and graphs_allowed(x.device):
-                # Every step runs the U-Net on the same shapes: after this first (warm-up) step, capture it once
-                # and replay it, one launch instead of about a thousand per step.
-                estimate = GraphedEstimator(self.estimator, x_in, mu, t, speaker, cond)
+            velocity = self.estimator(x_in, mu, t, speaker, cond, mask).float()
             if guided:
                 conditional, unconditional = velocity.chunk(2)
                 velocity = (1.0 + self.cfg_rate) * conditional - self.cfg_rate * unconditional
@@ -496,19 +561,32 @@ class ConditionalFlowMatching(nn.Module):
         return x
 
 
-class GraphedEstimator:
-    """The U-Net velocity estimator captured for one set of input shapes (one utterance). Only x and t change
-    between Euler steps; mu, speaker and cond are captured as they are. The caller's first, eager step is the
-    warm-up."""
+class CapturedSolve:
+    """`ConditionalFlowMatching.solve` for every utterance of up to `frames` frames, from one CUDA graph of the
+    whole Euler loop: the utterance is copied into fixed padded buffers with its frame mask, the graph replayed,
+    its real frames copied out. A lock keeps callers from sharing the buffers."""
 
-    def __init__(self, estimator: nn.Module, x, mu, t, speaker, cond):
-        self.x, self.t = x.clone(), t.clone()
-        self.run = CapturedStep(lambda: estimator(self.x, mu, self.t, speaker, cond), x.device, warmups=0)
+    def __init__(self, flow: ConditionalFlowMatching, frames: int, n_timesteps: int, mu: torch.Tensor,
+                 speaker: torch.Tensor):
+        self.noise = torch.zeros(1, mu.shape[1], frames, dtype=torch.float32, device=mu.device)
+        self.mu = torch.zeros(1, mu.shape[1], frames, dtype=mu.dtype, device=mu.device)
+        self.speaker = torch.zeros_like(speaker)
+        self.mask = torch.zeros(1, 1, frames, dtype=mu.dtype, device=mu.device)
+        self.mask[..., : mu.shape[-1]] = 1  # the warm-up runs on a real-looking utterance
+        self.lock = threading.Lock()
+        self.run = CapturedStep(lambda: flow.solve(self.noise, self.mu, self.speaker, n_timesteps, self.mask),
+                                mu.device)
 
-    def __call__(self, x, mu, t, speaker, cond) -> torch.Tensor:
-        self.x.copy_(x)
-        self.t.copy_(t)
-        return self.run()
+    def __call__(self, noise: torch.Tensor, mu: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        frames = mu.shape[-1]
+        with self.lock:
+            for buffer, value in ((self.noise, noise), (self.mu, mu)):
+                buffer.zero_()
+                buffer[..., :frames] = value
+            self.speaker.copy_(speaker)
+            self.mask.zero_()
+            self.mask[..., :frames] = 1
+            return self.run()[..., :frames].clone()
 
 
 class FlowDecoder(nn.Module):
@@ -525,6 +603,19 @@ class FlowDecoder(nn.Module):
             config.regulator_channels, config.regulator_num_convs, config.regulator_groups
         )
         self.decoder = ConditionalFlowMatching(config)
+
+    @torch.inference_mode()
+    def capture_loops(self, max_frames: int = 1024, n_timesteps: int = 8) -> None:
+        """Capture the Euler loop of every padded length up to `max_frames` (~12 s of speech) now, half a second or
+        so each, so that no visitor's sentence waits for a capture. Nothing happens where graphs are off."""
+        device = self.input_embedding.weight.device
+        if not graphs_allowed(device):
+            return
+        channels = self.config.output_size
+        speaker = torch.zeros(1, channels, dtype=self.input_embedding.weight.dtype, device=device)
+        for frames in range(FRAME_BUCKET, max_frames + 1, FRAME_BUCKET):
+            mu = torch.zeros(1, channels, frames, dtype=speaker.dtype, device=device)
+            self.decoder(torch.zeros(1, channels, frames, device=device), mu, speaker, n_timesteps)
 
     @torch.inference_mode()
     def forward(
