@@ -106,11 +106,11 @@ class KernelTuning:
     gate_up_blocks: tuple[int, int, int] = (16, 128, 2)  # a dense MLP's gate/up (the talker's)
     decode_attention_chunk: int = 64
     sorted_moe_blocks: tuple[int, int, int, int, int] = (16, 64, 128, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-    # (BLOCK_N, BLOCK_K, warps) of moe_one_row's gate/up and down kernels (untuned first guesses; bench/moe.py
-    # --tune). One row's ~138 MB of experts stream near copy bandwidth only with a few programs per multiprocessor
-    # (132 on an H200), each with several loads in flight: gate/up (6 experts + 2 shared pieces) x 1408 / 16 = 704
-    # programs; down 2048 / 4 = 512 programs, each over all 8 slots at once.
-    one_row_moe_blocks: tuple[tuple[int, int, int], tuple[int, int, int]] = ((16, 128, 2), (4, 128, 4))
+    # (BLOCK_N, BLOCK_K, warps) of moe_one_row's gate/up and down kernels, from `bench/moe.py --batches 1 --tune` on
+    # an H200: 42.0 us for one row's ~138 MB of experts (the first guess, down (4, 128, 4), took 56 us; moe_sorted
+    # 43 us in four launches). Gate/up: (6 experts + 2 shared pieces) x 1408 / 16 = 704 programs; down: 2048 / 8 =
+    # 256 programs, each over all 8 slots at once.
+    one_row_moe_blocks: tuple[tuple[int, int, int], tuple[int, int, int]] = ((16, 128, 2), (8, 128, 4))
 
 
 DEFAULT_TUNING = KernelTuning()
