@@ -3,8 +3,8 @@
 A decode step is memory-bound (read ~5 GB of weights at one row, up to all ~33 GB at tens of rows) and, in plain
 PyTorch, also launch-bound: about 1,800 small kernels per token. These kernels read each weight once per step:
 - QKV projection with the input RMSNorm inside it (a GEMV: faster than cuBLAS at one token), RoPE applied in
-  place that also writes the KV cache, flash-decoding attention in one launch (the last split to finish combines)
-  that reads each row only up to its own length, the output projection;
+  place that also writes the KV cache, flash-decoding attention (partial + combine) that reads each row only up
+  to its own length, the output projection;
 - the residual add + post-attention norm + router gate + softmax/top-k in one kernel;
 - the MoE with its (row, expert) pairs sorted by expert in blocks: each chosen expert's weights are read once for
   all the rows that chose it, on tensor cores, the shared expert alongside as more blocks, the weighted sum and the
@@ -91,9 +91,8 @@ def _ticket_buffer(device: torch.device, stream: int) -> torch.Tensor:
 
 
 def _tickets(x: torch.Tensor) -> torch.Tensor:
-    """Zeroed counters for the last-program reductions (routing, attention's combine); each launch leaves them
-    zero again, so kernels that run one after another on a stream all count from the first. One set per CUDA
-    stream, so that launches on different streams never share one."""
+    """Zeroed counters for the last-program reductions (routing, down projection); each launch leaves them zero
+    again. One set per CUDA stream, so that launches on different streams never share one."""
     return _ticket_buffer(x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
 
 
@@ -674,10 +673,10 @@ def rope_(
 
 
 @triton.jit
-def _decode_attention_kernel(
-    qkv_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, acc_ptr, max_ptr, sum_ptr, ticket_ptr, out_ptr, scale,
-    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    GROUP_P2: tl.constexpr, D: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+def _decode_attention_partial(
+    qkv_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, acc_ptr, max_ptr, sum_ptr, scale,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+    S: tl.constexpr, CHUNK: tl.constexpr,
 ):
     bh = tl.program_id(0)  # b * KV_HEADS + kv head
     split = tl.program_id(1)
@@ -712,63 +711,52 @@ def _decode_attention_kernel(
         total = total * rescale + tl.sum(p, axis=1)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    parts = bh * splits * GROUP  # this (row, KV head)'s statistics: one row per split and query head
-    if first < last:  # a split past the row's last chunk has nothing to add (and the combine skips it)
-        part = parts + split * GROUP + g
-        tl.store(max_ptr + part, m, mask=real)  # -inf: the split read no valid key, and the combine skips it
-        tl.store(sum_ptr + part, total, mask=real)
-        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=real[:, None])
-    # The last split to finish (whichever it is) combines them all, rather than a second launch doing it; it resets
-    # the ticket for the next launch.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel")
-    if ticket == splits - 1:
-        rows = b * Q_HEADS + kv_head * GROUP
-        _combine_splits(acc_ptr, max_ptr, sum_ptr, parts, (chunks + per_split - 1) // per_split,
-                        out_ptr + rows * D, GROUP, GROUP_P2, D, SPLIT_BLOCK)
-        tl.atomic_xchg(ticket_ptr + bh, 0)
+    part = (bh * splits + split) * GROUP + g  # where this split's statistics go, one row per query head
+    tl.store(max_ptr + part, m, mask=real)  # -inf: the split read no valid key, and the combine skips it
+    tl.store(sum_ptr + part, total, mask=real)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=real[:, None])
 
 
 @triton.jit
-def _combine_splits(acc_ptr, max_ptr, sum_ptr, parts, used, out_ptr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
-                    D: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """One (row, KV head)'s attention output [GROUP, D] from the statistics of its first `used` splits (from row
-    `parts` of the max/sum/acc buffers), SPLIT_BLOCK splits at a time. They were stored by other programs: loads
-    skip the multiprocessor's cache (.cg)."""
+def _decode_attention_combine(
+    acc_ptr, max_ptr, sum_ptr, out_ptr,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr,
+    D_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    d = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
     g = tl.arange(0, GROUP_P2)  # the KV head's query heads (GROUP of them), padded to a power of two
-    d = tl.arange(0, D)
     real = g < GROUP
-    # Pass 1: each query head's largest score over all splits (a split that saw no valid key holds -inf).
+    base = bh * NUM_CHUNKS * GROUP
+    # Pass 1: each query head's largest score over all chunks (empty chunks hold -inf).
     m_all = tl.full([GROUP_P2], float("-inf"), tl.float32)
-    for s0 in range(0, used, SPLIT_BLOCK):
-        s = s0 + tl.arange(0, SPLIT_BLOCK)
-        stats = parts + s[:, None] * GROUP + g[None, :]
-        m = tl.load(max_ptr + stats, mask=(s < used)[:, None] & real[None, :], other=float("-inf"),
-                    cache_modifier=".cg")
+    for c0 in range(0, NUM_CHUNKS, CHUNK_BLOCK):
+        c = c0 + tl.arange(0, CHUNK_BLOCK)
+        stats = base + c[:, None] * GROUP + g[None, :]
+        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None] & real[None, :], other=float("-inf"))
         m_all = tl.maximum(m_all, tl.max(m, axis=0))
-    # Pass 2: the splits' partial sums, rescaled to that maximum.
+    # Pass 2: the chunks' partial sums, rescaled to that maximum, a block of chunks at a time.
     total = tl.zeros([GROUP_P2], tl.float32)
-    out = tl.zeros([GROUP_P2, D], tl.float32)
-    for s0 in range(0, used, SPLIT_BLOCK):
-        s = s0 + tl.arange(0, SPLIT_BLOCK)
-        stats = parts + s[:, None] * GROUP + g[None, :]
-        m = tl.load(max_ptr + stats, mask=(s < used)[:, None] & real[None, :], other=float("-inf"),
-                    cache_modifier=".cg")
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all[None, :]))  # [SPLIT_BLOCK, GROUP_P2]
-        total += tl.sum(w * tl.load(sum_ptr + stats, mask=w > 0, other=0.0, cache_modifier=".cg"), axis=0)
-        acc = tl.load(acc_ptr + stats[:, :, None] * D + d[None, None, :], mask=(w > 0)[:, :, None], other=0.0,
-                      cache_modifier=".cg")
+    out = tl.zeros([GROUP_P2, D_BLOCK], tl.float32)
+    for c0 in range(0, NUM_CHUNKS, CHUNK_BLOCK):
+        c = c0 + tl.arange(0, CHUNK_BLOCK)
+        stats = base + c[:, None] * GROUP + g[None, :]
+        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None] & real[None, :], other=float("-inf"))
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all[None, :]))  # [CHUNK_BLOCK, GROUP_P2]
+        total += tl.sum(w * tl.load(sum_ptr + stats, mask=w > 0, other=0.0), axis=0)
+        acc = tl.load(acc_ptr + stats[:, :, None] * D + d[None, None, :], mask=(w > 0)[:, :, None], other=0.0)
         out += tl.sum(w[:, :, None] * acc, axis=0)
     out = out / tl.where(real, total, 1.0)[:, None]
-    tl.store(out_ptr + g[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+    b, kv_head = bh // KV_HEADS, bh % KV_HEADS
+    rows = b * Q_HEADS + kv_head * GROUP + g
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
 
 def decode_attention(
     qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, slots: torch.Tensor,
     num_heads: int, tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
-    """One new token per row over its cache, in one launch (flash decoding: split over groups of key chunks, the
-    last split of each (row, KV head) to finish combines them).
+    """One new token per row over its cache (split over groups of key chunks, then combined: flash decoding).
 
     qkv [B, 1, heads, D] holds the rotated queries; caches [B, kv_heads, S, D]; key_valid [B, S] bool; slots [B]
     each row's new token's slot: the row's valid keys all lie at or before it (causal in slot order), so only its
@@ -778,22 +766,22 @@ def decode_attention(
     chunk = min(tuning.decode_attention_chunk, S)
     if S % chunk or chunk & (chunk - 1):
         raise ValueError(f"decode_attention needs a power-of-two cache length (or a multiple of {chunk}), got {S}")
-    tickets = _tickets(qkv)
-    if B * kv_heads > tickets.numel():
-        raise ValueError(f"decode_attention counts with one ticket per (row, KV head): {B} x {kv_heads} is too many")
     group = num_heads // kv_heads
-    group_p2 = triton.next_power_of_2(group)
     splits = _attention_splits(B * kv_heads, S // chunk, qkv.device)
     parts = B * kv_heads * splits * group
     acc = torch.empty(parts, D, dtype=torch.float32, device=qkv.device)
     maxima = torch.empty(parts, dtype=torch.float32, device=qkv.device)
     sums = torch.empty(parts, dtype=torch.float32, device=qkv.device)
+    _decode_attention_partial[(B * kv_heads, splits)](
+        qkv, k_cache, v_cache, key_valid, slots, acc, maxima, sums, D**-0.5, Q_HEADS=num_heads, KV_HEADS=kv_heads,
+        GROUP=group, GROUP_PAD=max(16, group), D=D, S=S, CHUNK=chunk, num_warps=4,
+    )
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
-    _decode_attention_kernel[(B * kv_heads, splits)](
-        qkv, k_cache, v_cache, key_valid, slots, acc, maxima, sums, tickets, out, D**-0.5, Q_HEADS=num_heads,
-        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, group), GROUP_P2=group_p2, D=D, S=S, CHUNK=chunk,
-        # The combine's tiles of splits x query heads x D: 32 floats a thread at 4 warps.
-        SPLIT_BLOCK=min(triton.next_power_of_2(splits), max(1, 4096 // (group_p2 * D))), num_warps=4,
+    d_block = min(D, 32)
+    _decode_attention_combine[(B * kv_heads, D // d_block)](
+        acc, maxima, sums, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group,
+        GROUP_P2=triton.next_power_of_2(group), D=D, D_BLOCK=d_block,
+        NUM_CHUNKS=splits, CHUNK_BLOCK=min(32, triton.next_power_of_2(splits)), num_warps=4,
     )
     return out
 

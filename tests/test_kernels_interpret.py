@@ -47,32 +47,3 @@ def test_one_row_moe_matches_the_loop_and_moe_sorted(pieces):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got, kernels.moe_sorted(x, idx, weight, w_gate, w_up, w_down, shared, residual),
                                        rtol=1e-5, atol=1e-5)
-
-
-# The interpreter computes both sides of a tl.where, so the masked -inf - -inf warns.
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("heads, kv_heads, newest", [(16, 4, [2047]), (16, 4, [70, 1500, 0, 64]), (14, 2, [900, 5])])
-def test_decode_attention_matches_softmax(monkeypatch, heads, kv_heads, newest):
-    """decode_attention (its last split combines) against float64 softmax, with the H200's 132 multiprocessors so
-    that one head is split 32 ways (empty splits, two blocks of splits in the combine): rows of different
-    lengths, invalid slots, keys marked valid in chunks past a row's slot (never read). The tickets end at zero."""
-    monkeypatch.setattr(kernels, "_multiprocessors", lambda device: 132)
-    B, D, S = len(newest), 64, 2048
-    chunk = kernels.DEFAULT_TUNING.decode_attention_chunk
-    gen = torch.Generator().manual_seed(B)
-    qkv = torch.randn(B, 1, heads + 2 * kv_heads, D, generator=gen)
-    k_cache, v_cache = torch.randn(2, B, kv_heads, S, D, generator=gen)
-    slots = torch.tensor(newest)
-    valid = torch.arange(S)[None] <= slots[:, None]
-    valid[:, 10:20] = False
-    valid[:, 1000:1100] = False
-    seen = valid.clone()
-    for row, slot in enumerate(newest):
-        valid[row, (slot // chunk + 1) * chunk:] = True
-    got = kernels.decode_attention(qkv, k_cache, v_cache, valid, slots, heads)
-    q = qkv[:, 0, :heads].double().view(B, kv_heads, heads // kv_heads, D)
-    scores = (q @ k_cache.double().transpose(-1, -2)) / D**0.5
-    probs = scores.masked_fill(~seen[:, None, None], float("-inf")).softmax(-1)
-    want = (probs @ v_cache.double()).view(B, heads, D)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    assert not kernels._tickets(qkv).any()
