@@ -254,7 +254,7 @@ def full_size(device: torch.device) -> tuple[MingOmni, SharedSpeech]:
     shared = SharedSpeech(build_speech("0.5b", model.config.llm_config.hidden_size, device))
     # Each sentence stops at the length of natural speech, as in bench.speech (a random talker never says <audio_eos>).
     shared.speech.talker = SpeakingRateTalker(shared.speech.talker, synchronize=False)
-    shared.speech.detokenizer.flow.capture_loops()  # as serving.engine does at start-up
+    shared.speech.detokenizer.capture_graphs()  # as serving.engine does at start-up
     return model, shared
 
 

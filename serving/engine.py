@@ -209,7 +209,7 @@ def load_engine(requested: str | None = None) -> Engine:
     if use_scheduler():
         _ENGINE.scheduler  # now: budget from the memory left after loading, steps captured before any visitor
         if speech is not None:
-            speech.detokenizer.flow.capture_loops()  # likewise the flow decoder's loop per padded length
+            speech.detokenizer.capture_graphs()  # likewise the flow decoder and vocoder per padded length
     return _ENGINE
 
 

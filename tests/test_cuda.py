@@ -236,9 +236,9 @@ def test_bf16_generation_runs_with_graphs(tiny_dir):
     assert os.environ.get("MING_CUDA_GRAPHS", "1") != "0"
 
 
-def test_flow_decoder_graph_replay_matches_eager(tiny_dir, monkeypatch):
-    """The Euler loop replayed from the graph of a padded length gives the eager, unpadded steps' mel, and
-    utterances of other lengths in the same bucket replay the same graph."""
+def test_flow_decoder_and_vocoder_graphs_match_eager(tiny_dir, monkeypatch):
+    """The Euler loop and the vocoder replayed from the graphs of a padded length give the eager, unpadded mel and
+    waveform, and utterances of other lengths in the same bucket replay the same graphs."""
     import os
 
     from ming.speech.detokenizer import AudioDetokenizer
@@ -250,16 +250,25 @@ def test_flow_decoder_graph_replay_matches_eager(tiny_dir, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     detokenizer = AudioDetokenizer.from_pretrained(os.path.join(tiny_dir, "talker"), device="cuda")
     speaker = torch.randn(1, 192, generator=torch.Generator().manual_seed(1))
-    graphed = {}
-    for length in (60, 47):  # 103 and 80 mel frames: one bucket of 128
+
+    def speak(length: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.randint(0, 4096, (1, length), generator=torch.Generator().manual_seed(length))
-        graphed[length] = detokenizer.token_to_mel(tokens, speaker, generator=torch.Generator().manual_seed(2))
-    assert list(detokenizer.flow.decoder.captured) == [(128, 8)]
+        mel = detokenizer.token_to_mel(tokens, speaker, generator=torch.Generator().manual_seed(2))
+        return mel, detokenizer.mel_to_wave(mel, generator=torch.Generator().manual_seed(3))
+
+    graphed = {length: speak(length) for length in (60, 47)}  # 103 and 80 mel frames: one bucket of 128
+    assert list(detokenizer.flow.decoder.captured) == [(128, 8)] and list(detokenizer.hift.captured) == [128]
     monkeypatch.setenv("MING_CUDA_GRAPHS", "0")
-    for length, mel in graphed.items():
-        tokens = torch.randint(0, 4096, (1, length), generator=torch.Generator().manual_seed(length))
-        eager = detokenizer.token_to_mel(tokens, speaker, generator=torch.Generator().manual_seed(2))
-        torch.testing.assert_close(mel, eager, rtol=1e-4, atol=1e-4)
+    for length, (mel, wave) in graphed.items():
+        eager_mel, eager_wave = speak(length)
+        torch.testing.assert_close(mel, eager_mel, rtol=1e-4, atol=1e-4)
+        assert wave.shape == eager_wave.shape
+        # the same mel through both vocoder paths (the mels differ by rounding, which the vocoder would amplify)
+        eager_wave = detokenizer.mel_to_wave(mel, generator=torch.Generator().manual_seed(3))
+        monkeypatch.setenv("MING_CUDA_GRAPHS", "1")
+        wave = detokenizer.mel_to_wave(mel, generator=torch.Generator().manual_seed(3))
+        monkeypatch.setenv("MING_CUDA_GRAPHS", "0")
+        torch.testing.assert_close(wave, eager_wave, rtol=1e-4, atol=1e-4)
 
 
 def test_talker_graph_is_reused_across_replies_and_matches_eager(tiny_dir, monkeypatch):

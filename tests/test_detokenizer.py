@@ -274,3 +274,35 @@ def test_padded_utterance_decodes_as_the_unpadded_one(detok, frames):
 def test_frame_buckets_cover_every_length_up_to_the_limit():
     assert [frame_bucket(n) for n in (1, 128, 129, 1024, 1025, 4096)] == [128, 128, 256, 1024, 2048, 4096]
     assert frame_bucket(4097) is None
+
+
+@pytest.mark.parametrize("frames", [1, 2, 37, 64])
+def test_padded_mel_vocodes_as_the_unpadded_one(detok, frames):
+    """The vocoder over a padded mel with its real length (what the GPU replays for every length up to a bucket)
+    gives the unpadded mel's samples: the padding kept out of every conv, the source's STFT reflected at the real
+    end, the iSTFT's envelope from the real frames only. The padding holds garbage, so only the masking can pass."""
+    hift = detok.hift
+    generator = torch.Generator().manual_seed(frames)
+    mel = torch.randn(1, 80, frames, generator=generator)
+    samples = frames * hift.config.hop_size
+    start, noise = hift.m_source.draw(1, samples, torch.Generator().manual_seed(7))
+    padded = frame_bucket(frames)
+    garbage = 3 * torch.randn(1, 80, padded - frames, generator=generator)
+    noise_garbage = torch.randn(1, noise.shape[1], (padded - frames) * hift.config.hop_size, generator=generator)
+    with torch.inference_mode():
+        want = hift.synthesize(mel, start, noise)
+        got = hift.synthesize(torch.cat([mel, garbage], -1), start, torch.cat([noise, noise_garbage], -1),
+                              torch.tensor(frames))
+    assert got.shape == (1, padded * hift.config.hop_size)
+    torch.testing.assert_close(got[:, :samples], want, rtol=1e-4, atol=1e-5)
+
+
+def test_vocoder_draws_are_the_release_order(detok):
+    """forward draws the source's start phases, then its noise, from the one generator (the release's order),
+    so a seed gives the same waveform as before the draws moved out of the source module."""
+    hift = detok.hift
+    mel = torch.randn(1, 80, 20, generator=torch.Generator().manual_seed(0))
+    start, noise = hift.m_source.draw(1, 20 * hift.config.hop_size, torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        torch.testing.assert_close(hift(mel, torch.Generator().manual_seed(5)), hift.synthesize(mel, start, noise),
+                                   rtol=0, atol=0)

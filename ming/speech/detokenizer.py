@@ -124,6 +124,12 @@ class AudioDetokenizer:
         _load(hift, fold_weight_norm(hift_state), HIFT_NAME)
         return cls(flow.to(device=device, dtype=dtype), hift.to(device).cast_convs(dtype))
 
+    def capture_graphs(self, max_frames: int = 1024) -> None:
+        """On a GPU, capture the flow decoder's loop and the vocoder for every padded length up to `max_frames`
+        (~12 s of speech) now, a few seconds in all, so that no visitor's sentence waits for a capture."""
+        self.flow.capture_graphs(max_frames)
+        self.hift.capture_graphs(max_frames)
+
     @property
     def sample_rate(self) -> int:
         return self.hift.config.sampling_rate

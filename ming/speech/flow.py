@@ -605,7 +605,7 @@ class FlowDecoder(nn.Module):
         self.decoder = ConditionalFlowMatching(config)
 
     @torch.inference_mode()
-    def capture_loops(self, max_frames: int = 1024, n_timesteps: int = 8) -> None:
+    def capture_graphs(self, max_frames: int = 1024, n_timesteps: int = 8) -> None:
         """Capture the Euler loop of every padded length up to `max_frames` (~12 s of speech) now, half a second or
         so each, so that no visitor's sentence waits for a capture. Nothing happens where graphs are off."""
         device = self.input_embedding.weight.device

@@ -7,6 +7,12 @@
 
 Each mel frame becomes prod(upsample_rates) * hop_len = 8 * 8 * 4 = 256 samples.
 
+On a GPU the whole vocoder runs from a CUDA graph captured once per padded length (`ming.speech.flow.frame_bucket`,
+as the flow decoder does): the padding is zeroed before every convolution, the source's STFT reflects at the real
+end and the iSTFT normalises by the real frames' window envelope, so the real samples are the unpadded mel's (up to
+float rounding). Eagerly, a sentence's ~400 small launches cost more Python than GPU time, which several replies
+speaking at once queue behind.
+
 Module attribute paths equal the release's `hift.pt` keys. The release wraps most convs in (old-style) weight
 normalisation, so its file stores `weight_g` / `weight_v` pairs; `fold_weight_norm` turns each pair into the plain
 `weight` these modules use (computed once at load instead of on every call).
@@ -16,11 +22,15 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..layers import CapturedStep, graphs_allowed
+from .flow import frame_bucket
 
 
 @dataclass
@@ -143,10 +153,16 @@ class ResBlock(nn.Module):
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = x + conv2(act2(conv1(act1(x))))
+            x = x + conv2(_zero_padding(act2(conv1(_zero_padding(act1(x), keep))), keep))
         return x
+
+
+def _zero_padding(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """x [..., L] with the positions past the real signal zeroed (keep [L], 1 real, 0 padding), as a convolution
+    of the unpadded signal sees beyond its end; unchanged when there is no padding (keep None)."""
+    return x if keep is None else x * keep.to(x.dtype)
 
 
 class F0Predictor(nn.Module):
@@ -160,8 +176,11 @@ class F0Predictor(nn.Module):
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_class)
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return torch.abs(self.classifier(self.condnet(mel).transpose(1, 2)).squeeze(-1))
+    def forward(self, mel: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = mel
+        for layer in self.condnet:
+            x = layer(_zero_padding(x, keep) if isinstance(layer, nn.Conv1d) else x)
+        return torch.abs(self.classifier(x.transpose(1, 2)).squeeze(-1))
 
 
 class HarmonicSource(nn.Module):
@@ -176,20 +195,20 @@ class HarmonicSource(nn.Module):
         self.voiced_threshold = config.nsf_voiced_threshold
         self.l_linear = nn.Linear(self.num_harmonics, 1)
 
-    def forward(self, f0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """f0 [B, samples] (Hz, float32) -> excitation [B, 1, samples].
+    def draw(self, batch: int, samples: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random draws, on the CPU from `generator`, in the release's order: a start phase per overtone,
+        U(-pi, pi) (the fundamental starts at 0) [B, H, 1], then Gaussian noise per harmonic and sample [B, H, samples]."""
+        start = -math.pi + torch.rand((batch, self.num_harmonics, 1), generator=generator) * (2 * math.pi)
+        start[:, 0] = 0
+        return start, torch.randn((batch, self.num_harmonics, samples), generator=generator)
 
-        Random draws, in the release's order: a start phase per overtone, U(-pi, pi) (the fundamental starts at
-        0), then Gaussian noise per harmonic and sample. Drawn on the CPU from `generator`.
-        """
-        batch, length = f0.shape
+    def forward(self, f0: torch.Tensor, start: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """f0 [B, samples] (Hz, float32), the draws (`draw`) -> excitation [B, 1, samples]. The phase is a running
+        sum, so a sample never depends on later ones (padding after the real signal changes nothing)."""
         harmonics = torch.arange(1, self.num_harmonics + 1, device=f0.device, dtype=torch.float32)
         cycles = f0.unsqueeze(1) * harmonics.view(1, -1, 1) / self.sampling_rate  # cycles per sample
         phase = 2 * math.pi * (torch.cumsum(cycles, dim=-1) % 1)
-
-        start = -math.pi + torch.rand((batch, self.num_harmonics, 1), generator=generator) * (2 * math.pi)
-        start[:, 0] = 0
-        noise = torch.randn((batch, self.num_harmonics, length), generator=generator).to(f0.device)
+        noise = noise.to(f0.device)
         sines = self.sine_amp * torch.sin(phase + start.to(f0.device))
 
         voiced = (f0 > self.voiced_threshold).float().unsqueeze(1)
@@ -233,6 +252,7 @@ class HiFTGenerator(nn.Module):
             for k, d in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes)
         )
         self.conv_post = nn.Conv1d(base // 2 ** len(self.ups), n_fft + 2, 7, 1, padding=3)
+        self.captured: dict[int, CapturedVocoder] = {}  # per padded frame count, on a GPU
 
     def cast_convs(self, dtype: torch.dtype) -> HiFTGenerator:
         """Cast the conv stack to `dtype` (bf16 / fp16 on GPUs), keeping the F0 predictor and the source merge in
@@ -247,45 +267,141 @@ class HiFTGenerator(nn.Module):
         # scipy's periodic Hann as the release builds it: float64, then float32
         return torch.hann_window(self.config.istft_n_fft, periodic=True, dtype=torch.float64, device=device).float()
 
-    def _stft(self, x: torch.Tensor) -> torch.Tensor:
+    def _stft(self, x: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
+        """STFT of x [B, L] (centred: reflected n_fft / 2 at both ends) -> [B, n_fft + 2, L / hop + 1]. With
+        `samples`, x is that many real samples then padding: the end is reflected at the real end, as the unpadded
+        signal's would be, and the frames past it are garbage for the caller to zero."""
         n_fft, hop = self.config.istft_n_fft, self.config.istft_hop_len
-        spec = torch.stft(x, n_fft, hop, n_fft, window=self._window(x.device), return_complex=True)
+        if samples is None:
+            spec = torch.stft(x, n_fft, hop, n_fft, window=self._window(x.device), return_complex=True)
+        else:
+            half = n_fft // 2
+            where = torch.arange(-half, x.shape[-1] + half, device=x.device).abs()  # reflected at the start
+            where = torch.where(where >= samples, 2 * (samples - 1) - where, where)  # and at the real end
+            inside = torch.arange(where.shape[0], device=x.device) < samples + 2 * half
+            extended = x[:, where.clamp(0, x.shape[-1] - 1)] * inside
+            spec = torch.stft(extended, n_fft, hop, n_fft, window=self._window(x.device), center=False,
+                              return_complex=True)
         return torch.cat([spec.real, spec.imag], dim=1)
 
-    def _istft(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    def _istft(self, magnitude: torch.Tensor, phase: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, n_fft / 2 + 1, F] magnitudes and phases -> [B, (F - 1) * hop] samples (centred iSTFT). With `frames`,
+        only that many frames are real: the others add nothing and the window envelope is the real frames' (what
+        `torch.istft` gives the unpadded spectrum), so the real samples come first, then zeros."""
         n_fft, hop = self.config.istft_n_fft, self.config.istft_hop_len
         spec = torch.polar(magnitude.clamp(max=1e2), phase)
-        return torch.istft(spec, n_fft, hop, n_fft, window=self._window(spec.device))
+        window = self._window(spec.device)
+        if frames is None:
+            return torch.istft(spec, n_fft, hop, n_fft, window=window)
+        count = spec.shape[-1]
+        real = (torch.arange(count, device=spec.device) < frames).float()
+        pieces = torch.fft.irfft(spec, n=n_fft, dim=1) * window[:, None] * real  # [B, n_fft, F]
+        length = n_fft + hop * (count - 1)
+
+        def overlap_add(columns: torch.Tensor) -> torch.Tensor:
+            return F.fold(columns, (1, length), kernel_size=(1, n_fft), stride=(1, hop)).flatten(1)
+
+        signal = overlap_add(pieces)
+        envelope = overlap_add((window.square()[:, None] * real).expand(1, -1, -1))
+        signal = torch.where(envelope > 1e-11, signal / envelope, 0.0)
+        return signal[:, n_fft // 2 : n_fft // 2 + hop * (count - 1)]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.captured.clear()  # captured for the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_frames: int = 1024) -> None:
+        """Capture the vocoder for every padded length up to `max_frames` now (see `FlowDecoder.capture_graphs`)."""
+        device = self.conv_pre.weight.device
+        if not graphs_allowed(device):
+            return
+        for frames in range(frame_bucket(1), max_frames + 1, frame_bucket(1)):
+            self(torch.zeros(1, self.config.in_channels, frames, device=device), torch.Generator().manual_seed(0))
 
     @torch.inference_mode()
     def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """mel [B, 80, T] -> waveform [B, T * hop_size] float32 in [-audio_limit, audio_limit].
+        """mel [B, 80, T] -> waveform [B, T * hop_size] float32 in [-audio_limit, audio_limit]. On a GPU one mel at a
+        time runs from the captured graph of its padded length (captured on first use); elsewhere eagerly."""
+        mel = mel.to(self.conv_pre.weight.device)
+        start, noise = self.m_source.draw(mel.shape[0], mel.shape[-1] * self.config.hop_size, generator)
+        padded = frame_bucket(mel.shape[-1])
+        if mel.shape[0] != 1 or padded is None or not graphs_allowed(mel.device):
+            return self.synthesize(mel, start, noise)
+        if padded not in self.captured:
+            self.captured[padded] = CapturedVocoder(self, padded)
+        return self.captured[padded](mel, start, noise)
+
+    def synthesize(self, mel: torch.Tensor, start: torch.Tensor, noise: torch.Tensor,
+                   frames: torch.Tensor | None = None) -> torch.Tensor:
+        """The vocoder on mel [B, 80, T] and the source's draws (`HarmonicSource.draw`). With `frames` (a 0-d
+        tensor on the device), mel holds that many real frames, then padding that is kept out of the real samples
+        (zeroed before every conv, the STFT and iSTFT edges at the real end); the real samples come first.
 
         Convs run in their dtype (see `cast_convs`); F0, the sine source, STFT and iSTFT run in float32.
         """
         config = self.config
         dtype = self.conv_pre.weight.dtype
-        mel = mel.to(self.conv_pre.weight.device)
+        stft_frames = config.hop_size // config.istft_hop_len  # per mel frame
 
-        f0 = self.f0_predictor(mel.float()).repeat_interleave(config.hop_size, dim=-1)  # nearest, to the sample rate
-        source = self._stft(self.m_source(f0, generator).squeeze(1)).to(dtype)
+        def keep(length: int, real) -> torch.Tensor | None:
+            """Which of `length` positions hold the real signal (None: all)."""
+            return None if frames is None else torch.arange(length, device=mel.device) < real
 
-        x = self.conv_pre(mel.to(dtype))
+        mel_keep = keep(mel.shape[-1], frames)
+        f0 = self.f0_predictor(mel.float(), mel_keep).repeat_interleave(config.hop_size, dim=-1)  # nearest
+        source = self.m_source(f0, start, noise).squeeze(1)
+        source = self._stft(source, None if frames is None else frames * config.hop_size)
+        real_stft_frames = None if frames is None else frames * stft_frames + 1
+        source = _zero_padding(source, keep(source.shape[-1], real_stft_frames)).to(dtype)
+
+        x = self.conv_pre(_zero_padding(mel.to(dtype), mel_keep))
+        x_keep, scale = mel_keep, 1
         kernels_per_stage = len(config.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, config.lrelu_slope))
+            x = up(_zero_padding(F.leaky_relu(x, config.lrelu_slope), x_keep))
+            scale *= config.upsample_rates[i]
+            x_keep = keep(x.shape[-1], None if frames is None else frames * scale)
             if i == len(self.ups) - 1:
                 x = F.pad(x, (1, 0), mode="reflect")  # one more frame, so the iSTFT yields exactly T * hop
-            x = x + self.source_resblocks[i](self.source_downs[i](source))
+                x_keep = keep(x.shape[-1], real_stft_frames)
+            x = x + self.source_resblocks[i](self.source_downs[i](source), x_keep)
             stage = self.resblocks[i * kernels_per_stage : (i + 1) * kernels_per_stage]
-            total = stage[0](x)
+            total = stage[0](x, x_keep)
             for block in stage[1:]:
-                total = total + block(x)
+                total = total + block(x, x_keep)
             x = total / kernels_per_stage
-        x = self.conv_post(F.leaky_relu(x)).float()  # the release uses the default slope 0.01 here
+        # the release uses the default slope 0.01 here
+        x = self.conv_post(_zero_padding(F.leaky_relu(x), x_keep)).float()
 
         bins = config.istft_n_fft // 2 + 1
         magnitude = torch.exp(x[:, :bins])
         phase = torch.sin(x[:, bins:])  # the release squashes the phase with sin; kept for identical output
-        wave = self._istft(magnitude, phase)
+        wave = self._istft(magnitude, phase, real_stft_frames)
         return wave.clamp(-config.audio_limit, config.audio_limit)
+
+
+class CapturedVocoder:
+    """`HiFTGenerator.synthesize` for every mel of up to `frames` frames, from one CUDA graph: the mel and the
+    source's draws are copied into fixed padded buffers, the real length into a device scalar, the graph replayed
+    and the real samples copied out. A lock keeps callers from sharing the buffers."""
+
+    def __init__(self, vocoder: HiFTGenerator, frames: int):
+        device, config = vocoder.conv_pre.weight.device, vocoder.config
+        samples = frames * config.hop_size
+        self.mel = torch.zeros(1, config.in_channels, frames, device=device)
+        self.start = torch.zeros(1, vocoder.m_source.num_harmonics, 1, device=device)
+        self.noise = torch.zeros(1, vocoder.m_source.num_harmonics, samples, device=device)
+        self.frames = torch.tensor(frames, device=device)
+        self.lock = threading.Lock()
+        self.run = CapturedStep(lambda: vocoder.synthesize(self.mel, self.start, self.noise, self.frames), device)
+
+    def __call__(self, mel: torch.Tensor, start: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        frames, samples = mel.shape[-1], noise.shape[-1]
+        with self.lock:
+            for buffer, value in ((self.mel, mel), (self.noise, noise)):
+                buffer.zero_()
+                buffer[..., : value.shape[-1]] = value
+            self.start.copy_(start)
+            self.frames.fill_(frames)
+            return self.run()[:, :samples].clone()
