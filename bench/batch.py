@@ -72,7 +72,8 @@ def main() -> None:
         decode_throughput(model, batch)  # capture the graph for this batch
         rate = max(decode_throughput(model, batch) for _ in range(2))
         roofline = bandwidth / step_bytes(model.config, batch, PROMPT + NEW_TOKENS // 2) * batch
-        path = ("GEMV kernels + MoE rows sorted by expert" if batch <= FEW_TOKENS else
+        path = ("GEMV kernels + one-row MoE" if batch == 1 else
+                "GEMV kernels + MoE rows sorted by expert" if batch <= FEW_TOKENS else
                 "cuBLAS + MoE rows sorted by expert" if batch <= DECODE_BATCH else "prompt path (cuBLAS + grouped GEMM)")
         rows.append({"batch": batch, "tok_s": rate, "per_row_tok_s": rate / batch, "roofline_tok_s": roofline,
                      "of_roofline": rate / roofline, "path": path})
