@@ -304,7 +304,7 @@ class Block1D(nn.Module):
         if mask is None:
             return self.block(x)
         conv, norm, activation = self.block
-        return activation(masked_group_norm(conv(x * mask), norm, mask))
+        return activation(masked_group_norm(conv(zero_padding(x, mask)), norm, mask))
 
 
 class ResnetBlock1D(nn.Module):
@@ -409,9 +409,10 @@ def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor
     return x.transpose(1, 2)
 
 
-def _zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """x with its padded frames zeroed, as a convolution of the unpadded utterance sees beyond its ends."""
-    return x if mask is None else x * mask
+def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x [..., T] with its padded positions zeroed (mask broadcast to x, 1 / True real, 0 / False padding), as a
+    convolution of the unpadded signal sees beyond its end; x itself when nothing is padded (mask None)."""
+    return x if mask is None else x * mask.to(x.dtype)
 
 
 class ConditionalUNet(nn.Module):
@@ -476,7 +477,7 @@ class ConditionalUNet(nn.Module):
             x = _run_transformers(blocks, resnet(x, time_emb, mask), mask)
             skips.append(x)
             masks.append(mask)
-            x = downsample(_zero_padding(x, mask))
+            x = downsample(zero_padding(x, mask))
             if mask is not None and isinstance(downsample, Downsample1D):
                 mask = mask[:, :, ::2]  # frame j of the halved map is real when frame 2j was
         for resnet, blocks in self.mid_blocks:
@@ -485,7 +486,7 @@ class ConditionalUNet(nn.Module):
             skip, mask = skips.pop(), masks.pop()
             # an odd length comes back one frame longer from the transposed conv: crop to the skip
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)
-            x = upsample(_zero_padding(_run_transformers(blocks, resnet(x, time_emb, mask), mask), mask))
+            x = upsample(zero_padding(_run_transformers(blocks, resnet(x, time_emb, mask), mask), mask))
         return self.final_proj(self.final_block(x, mask))
 
 

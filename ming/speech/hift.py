@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import CapturedStep, graphs_allowed
-from .flow import frame_bucket
+from .flow import frame_bucket, zero_padding
 
 
 @dataclass
@@ -155,14 +155,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = x + conv2(_zero_padding(act2(conv1(_zero_padding(act1(x), keep))), keep))
+            x = x + conv2(zero_padding(act2(conv1(zero_padding(act1(x), keep))), keep))
         return x
 
-
-def _zero_padding(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x [..., L] with the positions past the real signal zeroed (keep [L], 1 real, 0 padding), as a convolution
-    of the unpadded signal sees beyond its end; unchanged when there is no padding (keep None)."""
-    return x if keep is None else x * keep.to(x.dtype)
 
 
 class F0Predictor(nn.Module):
@@ -179,7 +174,7 @@ class F0Predictor(nn.Module):
     def forward(self, mel: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x = mel
         for layer in self.condnet:
-            x = layer(_zero_padding(x, keep) if isinstance(layer, nn.Conv1d) else x)
+            x = layer(zero_padding(x, keep) if isinstance(layer, nn.Conv1d) else x)
         return torch.abs(self.classifier(x.transpose(1, 2)).squeeze(-1))
 
 
@@ -353,13 +348,13 @@ class HiFTGenerator(nn.Module):
         source = self.m_source(f0, start, noise).squeeze(1)
         source = self._stft(source, None if frames is None else frames * config.hop_size)
         real_stft_frames = None if frames is None else frames * stft_frames + 1
-        source = _zero_padding(source, keep(source.shape[-1], real_stft_frames)).to(dtype)
+        source = zero_padding(source, keep(source.shape[-1], real_stft_frames)).to(dtype)
 
-        x = self.conv_pre(_zero_padding(mel.to(dtype), mel_keep))
+        x = self.conv_pre(zero_padding(mel.to(dtype), mel_keep))
         x_keep, scale = mel_keep, 1
         kernels_per_stage = len(config.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
-            x = up(_zero_padding(F.leaky_relu(x, config.lrelu_slope), x_keep))
+            x = up(zero_padding(F.leaky_relu(x, config.lrelu_slope), x_keep))
             scale *= config.upsample_rates[i]
             x_keep = keep(x.shape[-1], None if frames is None else frames * scale)
             if i == len(self.ups) - 1:
@@ -372,7 +367,7 @@ class HiFTGenerator(nn.Module):
                 total = total + block(x, x_keep)
             x = total / kernels_per_stage
         # the release uses the default slope 0.01 here
-        x = self.conv_post(_zero_padding(F.leaky_relu(x), x_keep)).float()
+        x = self.conv_post(zero_padding(F.leaky_relu(x), x_keep)).float()
 
         bins = config.istft_n_fft // 2 + 1
         magnitude = torch.exp(x[:, :bins])
