@@ -91,7 +91,7 @@ def _ticket_buffer(device: torch.device, stream: int) -> torch.Tensor:
 
 
 def _tickets(x: torch.Tensor) -> torch.Tensor:
-    """Zeroed counters for the last-program reductions (routing, down projection); each launch leaves them zero
+    """Zeroed counters for the last-program reductions (the routing in add_norm_route); each launch leaves them zero
     again. One set per CUDA stream, so that launches on different streams never share one."""
     return _ticket_buffer(x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
 

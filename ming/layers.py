@@ -58,8 +58,8 @@ def few_tokens(x: torch.Tensor) -> bool:
 
 
 def decode_batch(x: torch.Tensor) -> bool:
-    """Whether activations x [..., H] are a decode batch for the MoE's sorted-by-expert kernels (up to DECODE_BATCH
-    rows; more rows take the prompt path's grouped GEMMs)."""
+    """Whether activations x [..., H] are a decode batch for the MoE's decode kernels (one row by expert id, up to
+    DECODE_BATCH rows sorted by expert; more rows take the prompt path's grouped GEMMs)."""
     return use_triton(x) and x.numel() // x.shape[-1] <= DECODE_BATCH
 
 

@@ -7,12 +7,13 @@ Each admitted request gets a row. Every turn of the loop:
      the freed one (its used slots, valid flags, position and slot), so occupied rows stay packed at the bottom;
   2. waiting requests are admitted into free rows (the rest wait, and are told how many requests are ahead);
   3. the decode step launched last turn is read: each of its requests chooses its next token;
-  4. one request's prompt is embedded (media included) and prefilled into its row, one chunk of at most
-     `prefill_chunk` tokens per turn, so that running streams never stall long for someone else's prompt;
-  5. the next decode step is launched: it feeds every decoding row its next token, each row at its own cache slot
+  4. the next decode step is launched: it feeds every decoding row its next token, each row at its own cache slot
      and position, captured for the smallest batch bucket (1, 2, 4, ... rows) covering the occupied rows;
-  6. the tokens chosen in 3 go to their streams while that step runs, so the GPU never waits for the streams'
-     Python (waking a visitor's thread, taking the GIL) between steps.
+  5. one request's prompt is embedded (media included) and prefilled into its row, one chunk of at most
+     `prefill_chunk` tokens per turn, so that running streams never stall long for someone else's prompt (the step
+     of 4 runs on the GPU meanwhile);
+  6. the tokens chosen in 3 go to their streams while the GPU works, so it never waits for the streams' Python
+     (waking a visitor's thread, taking the GIL) between steps.
 
 Each request keeps its own sampling settings, seed, max tokens, repetition guard and stop event, and streams its
 token ids through a `RequestStream`. Iteration-level scheduling and chunked prefill are the ideas of Orca, vLLM and
@@ -522,8 +523,8 @@ class SharedSpeech:
     """One `SpeechGenerator` speaking several replies at once.
 
     The talker speaks for all of them together (`TalkerRows`: a row of one cache per reply, one decode step for every
-    row with a sentence to say). The flow decoder and vocoder replay captured graphs on fixed buffers, so each
-    sentence's flow + vocoder run holds a lock, which goes to the reply whose listener runs out of audio first:
+    row with a sentence to say). The flow decoder and vocoder run one sentence at a time, under a lock that goes to
+    the reply whose listener runs out of audio first:
     replies not heard yet (by arrival), then the one with the least audio left to play (earliest deadline first).
     Graph captures take `CAPTURE_LOCK` (inside `CapturedStep`), which every thread launching GPU work around them
     holds, so they never overlap the decode loops. Each reply sounds as it would alone (the same sampling, each

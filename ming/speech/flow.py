@@ -409,6 +409,13 @@ def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor
     return x.transpose(1, 2)
 
 
+def fill_padded(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy value [..., n] into the first n positions of buffer [..., N] and zero the rest (a captured graph's
+    padded input)."""
+    buffer.zero_()
+    buffer[..., : value.shape[-1]] = value
+
+
 def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """x [..., T] with its padded positions zeroed (mask broadcast to x, 1 / True real, 0 / False padding), as a
     convolution of the unpadded signal sees beyond its end; x itself when nothing is padded (mask None)."""
@@ -581,9 +588,8 @@ class CapturedSolve:
     def __call__(self, noise: torch.Tensor, mu: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
         frames = mu.shape[-1]
         with self.lock:
-            for buffer, value in ((self.noise, noise), (self.mu, mu)):
-                buffer.zero_()
-                buffer[..., :frames] = value
+            fill_padded(self.noise, noise)
+            fill_padded(self.mu, mu)
             self.speaker.copy_(speaker)
             self.mask.zero_()
             self.mask[..., :frames] = 1

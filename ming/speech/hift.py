@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import CapturedStep, graphs_allowed
-from .flow import frame_bucket, zero_padding
+from .flow import fill_padded, frame_bucket, zero_padding
 
 
 @dataclass
@@ -394,9 +394,8 @@ class CapturedVocoder:
     def __call__(self, mel: torch.Tensor, start: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         frames, samples = mel.shape[-1], noise.shape[-1]
         with self.lock:
-            for buffer, value in ((self.mel, mel), (self.noise, noise)):
-                buffer.zero_()
-                buffer[..., : value.shape[-1]] = value
+            fill_padded(self.mel, mel)
+            fill_padded(self.noise, noise)
             self.start.copy_(start)
             self.frames.fill_(frames)
             return self.run()[:, :samples].clone()
