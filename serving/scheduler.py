@@ -335,17 +335,15 @@ class Scheduler:
                 request.stream._put("ahead", ahead)
 
     def _turn(self) -> None:
-        """Read the step in flight, launch the next step, prefill. The next step runs on the GPU while the prefill's
-        kernels are launched (a prompt's prefill is bound by its launches, not by the GPU), and its writes come
-        after the step's on the stream. The turn's tokens reach their streams after it (`_deliver`), while the GPU
-        works: the GPU does not wait for the streams' Python."""
+        """Read the step in flight, prefill, launch the next step (with the prefilled request in it). The turn's
+        tokens reach their streams after it (`_deliver`), while that step runs: the GPU does not wait for the
+        streams' Python. (Launching the step before the prefill, to overlap the prefill's launches with it, measured
+        worse on an H200: 108 against 113 tok/s per visitor at 16 visitors, TTFT p95 83 against 68 ms.)"""
         for request in list(self.active):
             if request.stream.cancelled.is_set() or _stopped(request):
                 self._finish(request, "stopped")
         if self.in_flight is not None:
             self._read_step()
-        if any(r.decoding for r in self.active):
-            self._launch_step()
         # Up to `prefill_chunk` prompt tokens per turn, oldest request first: several short prompts share a turn,
         # but a prompt that does not fit in what is left waits for a turn of its own rather than start with a sliver.
         budget = self.prefill_chunk
@@ -357,6 +355,8 @@ class Scheduler:
             except Exception as error:  # bad media, out of memory: this request only
                 log.exception("prefill failed")
                 self._finish(request, error=error)
+        if any(r.decoding for r in self.active):
+            self._launch_step()
 
     # ---------------------------------------------------------------------------------------------- prefill
     def _prefill_chunk(self, request: Request, limit: int) -> int:
