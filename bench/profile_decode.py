@@ -24,7 +24,9 @@ from bench.bench import RELEASE_CONFIG, decode_rate, fill_random_, text_prompt
 from ming import kernels
 from ming.modeling import MingOmni
 
-BLOCK_CANDIDATES = [(4, 512, 4), (8, 128, 2), (8, 256, 2), (8, 256, 4), (16, 128, 2), (16, 256, 4), (32, 128, 4), (32, 256, 8)]
+# (BLOCK_N, BLOCK_K, warps). A BLOCK_K of the whole input row (2,048) requests a program's whole slice at once.
+BLOCK_CANDIDATES = [(1, 2048, 4), (2, 2048, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 2048, 8), (8, 128, 2),
+                    (8, 256, 2), (8, 256, 4), (8, 1024, 8), (16, 128, 2), (16, 256, 4), (32, 128, 4), (32, 256, 8)]
 
 
 def bench_us(fn) -> float:
@@ -51,6 +53,8 @@ def tune_gemv() -> None:
         us = bench_us(torch_ops)
         print(f"{name} cuBLAS{' + norm' if with_norm else ''}: {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")
         for blocks in BLOCK_CANDIDATES:
+            if n // blocks[0] > 65535:  # the grid's second dimension
+                continue
             tuning = dataclasses.replace(kernels.DEFAULT_TUNING, gemv_blocks=blocks)
             us = bench_us(functools.partial(kernels.gemv, x, w, norm, out_dtype, tuning=tuning))
             print(f"{name} triton gemv {blocks}: {us:.1f} us, {gigabytes / us * 1e6:.0f} GB/s")

@@ -11,7 +11,8 @@ PyTorch, also launch-bound: about 1,800 small kernels per token. These kernels r
   residual add in a last small kernel; no host sync, so the step stays in a CUDA graph. One row takes two GEMV
   launches instead (no sort; the down projection sums the experts itself).
 The GEMV kernels serve up to `ming.layers.FEW_TOKENS` rows (cuBLAS above that); the MoE and attention kernels serve
-every decode batch. Where one kernel needs all its programs' results (the routing), the last program to finish does
+every decode batch. On Hopper and newer they launch with programmatic dependent launch: each starts while the one
+before it finishes, requests the weights it streams first, then waits for that kernel's outputs (`_wait_for_inputs`). Where one kernel needs all its programs' results (the routing), the last program to finish does
 the reduction, found with an atomic ticket, instead of a separate launch.
 Prefill (many tokens) uses grouped GEMMs and plain PyTorch ops instead (ming/llm.py). The CPU path never uses this
 file; tests/test_cuda.py pins every kernel to the plain PyTorch ops it replaces.
@@ -20,11 +21,46 @@ file; tests/test_cuda.py pins every kernel to the plain PyTorch ops it replaces.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+# ------------------------------------------------------------------------------ programmatic dependent launch
+# A batch-1 step is ~250 kernels of a few microseconds each; between two of them the GPU would otherwise idle while
+# the next one launches and its first loads cross the memory system. With programmatic dependent launch (Hopper and
+# newer) the next kernel starts while the current one finishes: it requests the weights it streams (never written
+# during a step) and then waits in `_wait_for_inputs` for the earlier kernel's outputs.
+def pdl(device: torch.device) -> bool:
+    """Whether this file's kernels launch with programmatic dependent launch on `device`: sm90+, unless MING_PDL=0."""
+    return device.type == "cuda" and os.environ.get("MING_PDL", "1") != "0" and _capability(device) >= 9
+
+
+def _pdl_args(device: torch.device) -> dict:
+    """A launch's PDL switch: the kernel's constexpr and Triton's launch option."""
+    on = pdl(device)
+    return {"PDL": on, "launch_pdl": on}
+
+
+@functools.cache
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+@triton.jit
+def _wait_for_inputs(PDL: tl.constexpr):
+    """Wait until the kernel launched before this one has finished and its writes are visible, then let the next
+    kernel launch. Every kernel here calls it in every program before it reads what an earlier kernel wrote and
+    before it writes anything, so the launch order is still the order of effects. And because the next kernel
+    launches only once all of this kernel's programs have waited, the kernel two launches back has finished by the
+    time the next one starts: that one may read its outputs before its own wait (the one-row MoE reads the routing)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -77,7 +113,8 @@ def _swiglu(gate, up, dtype: tl.constexpr):
 
 @triton.jit
 def _swiglu_gate_up_kernel(x_ptr, w_gate_ptr, w_up_ptr, h_ptr, H: tl.constexpr, I: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dtype = h_ptr.dtype.element_ty
@@ -130,8 +167,9 @@ UNUSED_BLOCK = tl.constexpr(1 << 30)
 def _sort_pairs_by_expert_kernel(
     idx_ptr, sorted_ptr, block_expert_ptr,
     PAIRS: tl.constexpr, PAIRS_P2: tl.constexpr, E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCKS: tl.constexpr, BLOCKS_P2: tl.constexpr,
+    BLOCKS: tl.constexpr, BLOCKS_P2: tl.constexpr, PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     pair = tl.arange(0, PAIRS_P2)
     expert = tl.load(idx_ptr + pair, mask=pair < PAIRS, other=E_P2).to(tl.int32)  # padding matches no expert
     one_hot = (expert[:, None] == tl.arange(0, E_P2)[None, :]).to(tl.int32)  # [pairs, experts]
@@ -174,7 +212,9 @@ def _sorted_gate_up_kernel(
     x_ptr, sorted_ptr, block_expert_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
     T: tl.constexpr, TOP_K: tl.constexpr, E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     PIECES: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     pair, token, real, expert = _block_rows(sorted_ptr, block_expert_ptr, tl.program_id(0), T, TOP_K, E, BLOCKS,
                                             BLOCK_M)
     if expert < E + PIECES:
@@ -204,7 +244,9 @@ def _sorted_down_kernel(
     h_ptr, sorted_ptr, block_expert_ptr, weight_ptr, w_down_ptr, s_down_ptr, partial_ptr,
     T: tl.constexpr, TOP_K: tl.constexpr, E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
     PIECES: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     pair, token, real, expert = _block_rows(sorted_ptr, block_expert_ptr, tl.program_id(0), T, TOP_K, E, BLOCKS,
                                             BLOCK_M)
     if expert < E + PIECES:
@@ -245,7 +287,8 @@ def _moe_output(routed, shared, residual_row, n, ok, PIECES: tl.constexpr, HAS_R
 
 @triton.jit
 def _sum_experts_kernel(partial_ptr, residual_ptr, out_ptr, T: tl.constexpr, TOP_K: tl.constexpr, H: tl.constexpr,
-                        PIECES: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                        PIECES: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     token = tl.program_id(0)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = n < H
@@ -294,24 +337,26 @@ def moe_sorted(
     _sort_pairs_by_expert_kernel[(1,)](
         topk_idx.contiguous(), sorted_pairs, block_expert, PAIRS=pairs, PAIRS_P2=triton.next_power_of_2(pairs), E=E,
         E_P2=triton.next_power_of_2(E), BLOCK_M=block_m, BLOCKS=blocks, BLOCKS_P2=triton.next_power_of_2(blocks),
-        num_warps=8,
+        **_pdl_args(x.device), num_warps=8,
     )
     sizes = dict(T=T, TOP_K=top_k, E=E, H=H, I=I, PIECES=pieces, BLOCKS=blocks, BLOCK_M=block_m)
     h = torch.empty(pairs + pieces * T, I, dtype=x.dtype, device=x.device)
     _sorted_gate_up_kernel[(grid_m, triton.cdiv(I, bn))](
         x.contiguous(), sorted_pairs, block_expert, w_gate, w_up, s_gate, s_up, h, **sizes,
-        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(H)), num_warps=warps, num_stages=stages,
+        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(H)), **_pdl_args(x.device), num_warps=warps,
+        num_stages=stages,
     )
     partial = torch.empty(pairs + pieces * T, H, dtype=torch.float32, device=x.device)
     _sorted_down_kernel[(grid_m, triton.cdiv(H, bn))](
         h, sorted_pairs, block_expert, topk_weight.float().contiguous(), w_down, s_down, partial, **sizes,
-        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(I)), num_warps=warps, num_stages=stages,
+        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(I)), **_pdl_args(x.device), num_warps=warps,
+        num_stages=stages,
     )
     out = torch.empty_like(x)
     block = min(1024, triton.next_power_of_2(H))
     _sum_experts_kernel[(T, triton.cdiv(H, block))](
         partial, residual.reshape(T, H).contiguous() if residual is not None else x, out, T=T, TOP_K=top_k, H=H,
-        PIECES=pieces, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=4,
+        PIECES=pieces, HAS_RESIDUAL=residual is not None, BLOCK=block, **_pdl_args(x.device), num_warps=4,
     )
     return out
 
@@ -332,7 +377,8 @@ def _shared_pieces(shared, w_gate, w_up, w_down) -> tuple[int, tuple[torch.Tenso
 @triton.jit
 def _one_row_gate_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
                             TOP_K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)  # the expert ids come from the kernel just before
     slot = tl.program_id(0)
     if slot < TOP_K:
         expert = tl.load(idx_ptr + slot)  # int64 (topk_idx's dtype): offsets into a large stack cannot overflow
@@ -346,10 +392,17 @@ def _one_row_gate_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_
 
 
 @triton.jit
+def _slot_inputs(h_ptr, slots, used, k, I: tl.constexpr):
+    """Columns k of the down projection's inputs (the SwiGLU outputs) of `slots`, in float32, zero where not used."""
+    h = tl.load(h_ptr + slots[:, None] * I + k[None, :], mask=used[:, None] & (k < I)[None, :], other=0.0)
+    return h.to(tl.float32)
+
+
+@triton.jit
 def _one_row_down_kernel(h_ptr, idx_ptr, weight_ptr, w_down_ptr, s_down_ptr, residual_ptr, out_ptr,
                          TOP_K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, PIECES: tl.constexpr,
                          HAS_RESIDUAL: tl.constexpr, TOP_K_P2: tl.constexpr, PIECES_P2: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < H
     slot = tl.arange(0, TOP_K_P2)
@@ -359,25 +412,30 @@ def _one_row_down_kernel(h_ptr, idx_ptr, weight_ptr, w_down_ptr, s_down_ptr, res
     # Rows n of each chosen expert's [H, I] down weights, and of each piece (a column block) of the shared expert's
     # [H, PIECES * I]: two tiles, so that every loop step has all their weights in flight. (One tile through a
     # tl.where of the two pointers would hide their alignment from the compiler: 2-byte loads.)
-    expert = tl.load(idx_ptr + slot, mask=routed, other=0)
+    # The routing was written two launches back (before the gate/up kernel), so it may be read before the wait
+    # (see _wait_for_inputs); ".cg" reads it from L2, where that kernel's writes are.
+    expert = tl.load(idx_ptr + slot, mask=routed, other=0, cache_modifier=".cg")
     routed_rows = w_down_ptr + expert[:, None] * H * I + n[None, :] * I  # [TOP_K_P2, BLOCK_N]
     shared_rows = s_down_ptr + piece[:, None] * I + n[None, :] * (PIECES * I)  # [PIECES_P2, BLOCK_N]
     routed_ok = routed[:, None] & n_ok[None, :]
     shared_ok = pieced[:, None] & n_ok[None, :]
-    acc_routed = tl.zeros([TOP_K_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_shared = tl.zeros([PIECES_P2, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    k = tl.arange(0, BLOCK_K)
+    w_routed = tl.load(routed_rows[:, :, None] + k[None, None, :], mask=routed_ok[:, :, None] & (k < I)[None, None, :],
+                       other=0.0)
+    w_shared = tl.load(shared_rows[:, :, None] + k[None, None, :], mask=shared_ok[:, :, None] & (k < I)[None, None, :],
+                       other=0.0)
+    _wait_for_inputs(PDL)  # the first weight tiles are on their way meanwhile
+    acc_routed = w_routed.to(tl.float32) * _slot_inputs(h_ptr, slot, routed, k, I)[:, None, :]
+    acc_shared = w_shared.to(tl.float32) * _slot_inputs(h_ptr, TOP_K + piece, pieced, k, I)[:, None, :]
+    for k0 in range(BLOCK_K, I, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < I
-        h = tl.load(h_ptr + slot[:, None] * I + k[None, :], mask=routed[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(routed_rows[:, :, None] + k[None, None, :], mask=routed_ok[:, :, None] & k_ok[None, None, :],
                     other=0.0)
-        acc_routed += w.to(tl.float32) * h.to(tl.float32)[:, None, :]
-        h = tl.load(h_ptr + (TOP_K + piece[:, None]) * I + k[None, :], mask=pieced[:, None] & k_ok[None, :],
-                    other=0.0)
+        acc_routed += w.to(tl.float32) * _slot_inputs(h_ptr, slot, routed, k, I)[:, None, :]
         w = tl.load(shared_rows[:, :, None] + k[None, None, :], mask=shared_ok[:, :, None] & k_ok[None, None, :],
                     other=0.0)
-        acc_shared += w.to(tl.float32) * h.to(tl.float32)[:, None, :]
+        acc_shared += w.to(tl.float32) * _slot_inputs(h_ptr, TOP_K + piece, pieced, k, I)[:, None, :]
     dtype = out_ptr.dtype.element_ty
     # Each expert's output rounded (as its own linear layer would be), then weighted by its router weight.
     weight = tl.load(weight_ptr + slot, mask=routed, other=0.0)
@@ -420,7 +478,7 @@ def moe_one_row(
     h = torch.empty(slots, I, dtype=x.dtype, device=x.device)
     _one_row_gate_up_kernel[(slots, triton.cdiv(I, bn))](
         x.contiguous(), idx, w_gate, w_up, s_gate, s_up, h, TOP_K=top_k, H=H, I=I, BLOCK_N=bn,
-        BLOCK_K=min(bk, triton.next_power_of_2(H)), num_warps=warps,
+        BLOCK_K=min(bk, triton.next_power_of_2(H)), **_pdl_args(x.device), num_warps=warps,
     )
     out = torch.empty_like(x)
     _one_row_down_kernel[(triton.cdiv(H, down_bn),)](
@@ -428,7 +486,7 @@ def moe_one_row(
         residual.reshape(1, H).contiguous() if residual is not None else x, out, TOP_K=top_k, H=H, I=I,
         PIECES=pieces, HAS_RESIDUAL=residual is not None, TOP_K_P2=triton.next_power_of_2(top_k),
         PIECES_P2=triton.next_power_of_2(max(pieces, 1)), BLOCK_N=down_bn, BLOCK_K=min(down_bk, triton.next_power_of_2(I)),
-        num_warps=down_warps,
+        **_pdl_args(x.device), num_warps=down_warps,
     )
     return out
 
@@ -445,13 +503,14 @@ def mlp_gemv(
     bn, bk, warps = tuning.gate_up_blocks
     bn, bk = min(bn, triton.next_power_of_2(I)), min(bk, triton.next_power_of_2(H))
     _swiglu_gate_up_kernel[(T, triton.cdiv(I, bn))](x.contiguous(), w_gate, w_up, h, H=H, I=I, BLOCK_N=bn, BLOCK_K=bk,
-                                                    num_warps=warps)
+                                                    **_pdl_args(x.device), num_warps=warps)
     return gemv(h, w_down, residual=residual, tuning=tuning)
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, delta_ptr, weight_ptr, sum_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr,
-                     HAS_DELTA: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -477,7 +536,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
     d2 = delta.reshape(-1, n).contiguous() if delta is not None else x2
     _rms_norm_kernel[(x2.shape[0],)](
         x2, d2, weight, total, out, eps, N=n, BLOCK=triton.next_power_of_2(n), HAS_DELTA=delta is not None,
-        num_warps=8,
+        **_pdl_args(x2.device), num_warps=8,
     )
     if delta is not None:
         return total.view(shape), out.view(shape)
@@ -488,24 +547,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 def _add_norm_route_kernel(
     x_ptr, delta_ptr, norm_weight_ptr, router_ptr, sum_ptr, normed_ptr, logits_ptr, ticket_ptr, idx_ptr, weight_ptr,
     eps, H: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):
     token = tl.program_id(0)
     part = tl.program_id(1)  # which ROWS of the router's E rows this program scores
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
+    rows = part * ROWS + tl.arange(0, ROWS)
+    gate = tl.load(router_ptr + rows[:, None] * H + cols[None, :], mask=(rows < E)[:, None] & ok[None, :], other=0.0)
+    w = tl.load(norm_weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    _wait_for_inputs(PDL)
     # Every program recomputes the (cheap, 2*H-element) add and norm so that none waits for another.
     x = tl.load(x_ptr + token * H + cols, mask=ok, other=0.0) + tl.load(delta_ptr + token * H + cols, mask=ok, other=0.0)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
     dtype = normed_ptr.dtype.element_ty
-    w = tl.load(norm_weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     normed = (w * (xf * rstd).to(dtype).to(tl.float32)).to(dtype)
     if part == 0:
         tl.store(sum_ptr + token * H + cols, x, mask=ok)
         tl.store(normed_ptr + token * H + cols, normed, mask=ok)
-    rows = part * ROWS + tl.arange(0, ROWS)
-    gate = tl.load(router_ptr + rows[:, None] * H + cols[None, :], mask=(rows < E)[:, None] & ok[None, :], other=0.0)
     logits = tl.sum(gate.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1).to(dtype)  # a linear layer's rounding
     tl.store(logits_ptr + token * E + rows, logits.to(tl.float32), mask=rows < E)
     # The last program to finish (whichever it is) routes the token: softmax and top-k over all E logits, done
@@ -538,7 +598,8 @@ def add_norm_route(
     _add_norm_route_kernel[(T, triton.cdiv(E, rows))](
         x.contiguous(), delta.contiguous(), norm_weight, router_weight, total, normed, logits, tickets, idx, weight,
         eps, H=H, E=E, TOP_K=top_k, RENORM=renormalize, ROWS=rows, BLOCK_H=triton.next_power_of_2(H),
-        BLOCK_E=triton.next_power_of_2(E), num_warps=1,  # one warp: the routing's reductions stay in registers
+        BLOCK_E=triton.next_power_of_2(E), **_pdl_args(x.device),
+        num_warps=1,  # one warp: the routing's reductions stay in registers
     )
     return total, normed, idx, weight
 
@@ -547,31 +608,42 @@ ROUTER_ROWS = 2  # gate rows per program of add_norm_route
 
 
 @triton.jit
+def _gemv_input(x_row, norm_weight_ptr, rstd, cols, K: tl.constexpr, NORM: tl.constexpr, dtype: tl.constexpr):
+    """Columns `cols` of the GEMV's input row in float32, normalised (RMSNorm with rstd, rounded as the release
+    rounds it) when NORM."""
+    ok = cols < K
+    x = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        scale = tl.load(norm_weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        x = (scale * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, norm_weight_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, eps,
     K: tl.constexpr, N: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     OUT_STRIDE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, PDL: tl.constexpr,
 ):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     x_row = x_ptr + token * K
     dtype = w_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    _wait_for_inputs(PDL)  # the first weight tile is on its way meanwhile
+    rstd = 1.0
     if NORM:  # each program normalises the (short) input row itself rather than waiting on a norm kernel
         full = tl.arange(0, BLOCK_ROW)
         xf = tl.load(x_row + full, mask=full < K, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = w.to(tl.float32) * _gemv_input(x_row, norm_weight_ptr, rstd, cols, K, NORM, dtype)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if NORM:
-            scale = tl.load(norm_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            x = (scale * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * _gemv_input(x_row, norm_weight_ptr, rstd, cols, K, NORM, dtype)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -606,7 +678,8 @@ def gemv(
         x.contiguous(), norm_weight, weight, bias if bias is not None else weight,
         residual.contiguous() if residual is not None else weight, out, eps, K=K, N=N, NORM=norm is not None,
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, OUT_STRIDE=out.stride(0), BLOCK_N=bn,
-        BLOCK_K=min(bk, triton.next_power_of_2(K)), BLOCK_ROW=triton.next_power_of_2(K), num_warps=warps,
+        BLOCK_K=min(bk, triton.next_power_of_2(K)), BLOCK_ROW=triton.next_power_of_2(K), **_pdl_args(x.device),
+        num_warps=warps,
     )
     return out
 
@@ -615,8 +688,9 @@ def gemv(
 def _rope_kernel(
     qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, cache_pos_ptr,
     L, Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    WRITE_CACHE: tl.constexpr, PER_ROW: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, PER_ROW: tl.constexpr, PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     token = tl.program_id(0)  # b * L + l
     head = tl.program_id(1)  # queries, then keys, then values of the fused projection
     half = tl.arange(0, D // 2)
@@ -668,7 +742,7 @@ def rope_(
         cache_position.contiguous() if cache_position is not None else cos,
         # S: slots per (row, head) in memory, so that a view of a cache's first slots is written in place.
         L=L, Q_HEADS=num_heads, KV_HEADS=num_kv_heads, D=D, S=k_cache.stride(1) // D if cache is not None else 1,
-        WRITE_CACHE=cache is not None, PER_ROW=per_row, num_warps=1,
+        WRITE_CACHE=cache is not None, PER_ROW=per_row, **_pdl_args(qkv.device), num_warps=1,
     )
 
 
@@ -676,8 +750,9 @@ def rope_(
 def _decode_attention_partial(
     qkv_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, acc_ptr, max_ptr, sum_ptr, scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    S: tl.constexpr, CHUNK: tl.constexpr,
+    S: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     bh = tl.program_id(0)  # b * KV_HEADS + kv head
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -721,8 +796,9 @@ def _decode_attention_partial(
 def _decode_attention_combine(
     acc_ptr, max_ptr, sum_ptr, out_ptr,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr,
-    D_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, CHUNK_BLOCK: tl.constexpr,
+    D_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, CHUNK_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    _wait_for_inputs(PDL)
     bh = tl.program_id(0)
     d = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
     g = tl.arange(0, GROUP_P2)  # the KV head's query heads (GROUP of them), padded to a power of two
@@ -774,14 +850,14 @@ def decode_attention(
     sums = torch.empty(parts, dtype=torch.float32, device=qkv.device)
     _decode_attention_partial[(B * kv_heads, splits)](
         qkv, k_cache, v_cache, key_valid, slots, acc, maxima, sums, D**-0.5, Q_HEADS=num_heads, KV_HEADS=kv_heads,
-        GROUP=group, GROUP_PAD=max(16, group), D=D, S=S, CHUNK=chunk, num_warps=4,
+        GROUP=group, GROUP_PAD=max(16, group), D=D, S=S, CHUNK=chunk, **_pdl_args(qkv.device), num_warps=4,
     )
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
     d_block = min(D, 32)
     _decode_attention_combine[(B * kv_heads, D // d_block)](
         acc, maxima, sums, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group,
         GROUP_P2=triton.next_power_of_2(group), D=D, D_BLOCK=d_block,
-        NUM_CHUNKS=splits, CHUNK_BLOCK=min(32, triton.next_power_of_2(splits)), num_warps=4,
+        NUM_CHUNKS=splits, CHUNK_BLOCK=min(32, triton.next_power_of_2(splits)), **_pdl_args(qkv.device), num_warps=4,
     )
     return out
 
@@ -801,7 +877,8 @@ def _multiprocessors(device: torch.device) -> int:
 
 @triton.jit
 def _route_kernel(logits_ptr, idx_ptr, weight_ptr, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
-                  RENORM: tl.constexpr):
+                  RENORM: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     logits = tl.load(logits_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
@@ -815,6 +892,7 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
     idx = torch.empty(T, k, dtype=torch.long, device=logits.device)
     weight = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     _route_kernel[(T,)](
-        logits.contiguous(), idx, weight, E=E, BLOCK_E=triton.next_power_of_2(E), K=k, RENORM=renormalize, num_warps=1
+        logits.contiguous(), idx, weight, E=E, BLOCK_E=triton.next_power_of_2(E), K=k, RENORM=renormalize,
+        **_pdl_args(logits.device), num_warps=1,
     )
     return idx, weight
