@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.bench import RELEASE_CONFIG, decode_rate, fill_random_, text_prompt
 from ming import kernels
+from ming.layers import rope_cos_sin
 from ming.modeling import MingOmni
 
 # (BLOCK_N, BLOCK_K, warps). A BLOCK_K of the whole input row (2,048) requests a program's whole slice at once.
@@ -67,9 +68,10 @@ def tune_attention() -> None:
     valid = torch.zeros(1, 2048, dtype=torch.bool, device="cuda")
     valid[:, :1300] = True
     newest = torch.tensor([1299], device="cuda")
-    for chunk in (32, 64, 128):  # 256 keys per program exceed the one-launch kernel's shared memory
+    cos, sin = rope_cos_sin(newest[:, None], 128, 600000.0)
+    for chunk in (32, 64, 128):
         tuning = dataclasses.replace(kernels.DEFAULT_TUNING, decode_attention_chunk=chunk)
-        us = bench_us(lambda: kernels.decode_attention(qkv, k_cache, v_cache, valid, newest, 16, tuning))
+        us = bench_us(lambda: kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, valid, newest, 16, tuning))
         print(f"decode attention, 1,300 of 2,048 keys, chunk {chunk}: {us:.1f} us")
 
 

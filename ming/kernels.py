@@ -2,9 +2,9 @@
 
 A decode step is memory-bound (read ~5 GB of weights at one row, up to all ~33 GB at tens of rows) and, in plain
 PyTorch, also launch-bound: about 1,800 small kernels per token. These kernels read each weight once per step:
-- QKV projection with the input RMSNorm inside it (a GEMV: faster than cuBLAS at one token), RoPE applied in
-  place that also writes the KV cache, flash-decoding attention (partial + combine) that reads each row only up
-  to its own length, the output projection;
+- QKV projection with the input RMSNorm inside it (a GEMV: faster than cuBLAS at one token), flash-decoding
+  attention (partial + combine) that applies RoPE, writes the new key and value to the cache and reads each row
+  only up to its own length, the output projection (prompts: `rope_` rotates in place and writes the cache);
 - the residual add + post-attention norm + router gate + softmax/top-k in one kernel;
 - the MoE with its (row, expert) pairs sorted by expert in blocks: each chosen expert's weights are read once for
   all the rows that chose it, on tensor cores, the shared expert alongside as more blocks, the weighted sum and the
@@ -12,8 +12,9 @@ PyTorch, also launch-bound: about 1,800 small kernels per token. These kernels r
   launches instead (no sort; the down projection sums the experts itself).
 The GEMV kernels serve up to `ming.layers.FEW_TOKENS` rows (cuBLAS above that); the MoE and attention kernels serve
 every decode batch. On Hopper and newer they launch with programmatic dependent launch: each starts while the one
-before it finishes, requests the weights it streams first, then waits for that kernel's outputs (`_wait_for_inputs`). Where one kernel needs all its programs' results (the routing), the last program to finish does
-the reduction, found with an atomic ticket, instead of a separate launch.
+before it finishes, requests the weights it streams first, then waits for that kernel's outputs (`_wait_for_inputs`).
+Where one kernel needs all its programs' results (the routing), the last program to finish does the reduction, found
+with an atomic ticket, instead of a separate launch.
 Prefill (many tokens) uses grouped GEMMs and plain PyTorch ops instead (ming/llm.py). The CPU path never uses this
 file; tests/test_cuda.py pins every kernel to the plain PyTorch ops it replaces.
 """
@@ -64,23 +65,26 @@ def _wait_for_inputs(PDL: tl.constexpr):
 
 
 @triton.jit
-def _softmax_top_k(logits, cols, idx_row, weight_row, K: tl.constexpr, RENORM: tl.constexpr):
+def _softmax_top_k(logits, cols, idx_row, weight_row, K: tl.constexpr, K_P2: tl.constexpr, RENORM: tl.constexpr):
     """Float32 softmax over one token's gate logits (a tensor over `cols`), then its top-k stored in descending
-    order: expert ids (int64) and weights, renormalised to sum to one when RENORM."""
+    order: expert ids (int64) and weights, renormalised to sum to one when RENORM. One reduction per pick (value and
+    index together, ties to the lower index): the routing is a serial chain at the end of a layer's attention."""
     probs = tl.exp(logits - tl.max(logits, axis=0))
     probs = probs / tl.sum(probs, axis=0)
+    picks = tl.arange(0, K_P2)
+    chosen = tl.zeros([K_P2], dtype=tl.int64)
+    weights = tl.zeros([K_P2], dtype=tl.float32)
     total = 0.0
     remaining = probs
-    for _ in tl.static_range(K):
-        total += tl.max(remaining, axis=0)
-        remaining = tl.where(cols == tl.argmax(remaining, axis=0), -1.0, remaining)
-    scale = 1.0 / total if RENORM else 1.0
-    remaining = probs
     for j in tl.static_range(K):
-        best = tl.argmax(remaining, axis=0)
-        tl.store(idx_row + j, best.to(tl.int64))
-        tl.store(weight_row + j, tl.max(remaining, axis=0) * scale)
+        best_prob, best = tl.max(remaining, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        total += best_prob
+        chosen = tl.where(picks == j, best.to(tl.int64), chosen)
+        weights = tl.where(picks == j, best_prob, weights)
         remaining = tl.where(cols == best, -1.0, remaining)
+    scale = 1.0 / total if RENORM else 1.0
+    tl.store(idx_row + picks, chosen, mask=picks < K)
+    tl.store(weight_row + picks, weights * scale, mask=picks < K)
 
 
 @triton.jit
@@ -138,7 +142,8 @@ class KernelTuning:
     """Block shapes of the decode kernels: (BLOCK_N, BLOCK_K, num_warps) per GEMV family and keys per program of
     the attention. Picked with bench/profile_decode.py on an H100; a layer holds one and passes it to each call."""
 
-    gemv_blocks: tuple[int, int, int] = (4, 512, 4)  # qkv, dense and the head
+    # qkv, dense and the head; H200 batch-1 decode (PDL on): 531 tok/s against 517 with (4, 512, 4)
+    gemv_blocks: tuple[int, int, int] = (4, 1024, 4)
     gate_up_blocks: tuple[int, int, int] = (16, 128, 2)  # a dense MLP's gate/up (the talker's)
     decode_attention_chunk: int = 64
     sorted_moe_blocks: tuple[int, int, int, int, int] = (16, 64, 128, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
@@ -546,7 +551,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 @triton.jit
 def _add_norm_route_kernel(
     x_ptr, delta_ptr, norm_weight_ptr, router_ptr, sum_ptr, normed_ptr, logits_ptr, ticket_ptr, idx_ptr, weight_ptr,
-    eps, H: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr,
+    eps, H: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, RENORM: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -576,7 +582,8 @@ def _add_norm_route_kernel(
         experts = tl.arange(0, BLOCK_E)
         all_logits = tl.load(logits_ptr + token * E + experts, mask=experts < E, other=float("-inf"),
                              cache_modifier=".cg")
-        _softmax_top_k(all_logits, experts, idx_ptr + token * TOP_K, weight_ptr + token * TOP_K, TOP_K, RENORM)
+        _softmax_top_k(all_logits, experts, idx_ptr + token * TOP_K, weight_ptr + token * TOP_K, TOP_K, TOP_K_P2,
+                       RENORM)
         tl.atomic_xchg(ticket_ptr + token, 0)
 
 
@@ -597,8 +604,8 @@ def add_norm_route(
     rows = ROUTER_ROWS
     _add_norm_route_kernel[(T, triton.cdiv(E, rows))](
         x.contiguous(), delta.contiguous(), norm_weight, router_weight, total, normed, logits, tickets, idx, weight,
-        eps, H=H, E=E, TOP_K=top_k, RENORM=renormalize, ROWS=rows, BLOCK_H=triton.next_power_of_2(H),
-        BLOCK_E=triton.next_power_of_2(E), **_pdl_args(x.device),
+        eps, H=H, E=E, TOP_K=top_k, TOP_K_P2=triton.next_power_of_2(top_k), RENORM=renormalize, ROWS=rows,
+        BLOCK_H=triton.next_power_of_2(H), BLOCK_E=triton.next_power_of_2(E), **_pdl_args(x.device),
         num_warps=1,  # one warp: the routing's reductions stay in registers
     )
     return total, normed, idx, weight
@@ -747,8 +754,17 @@ def rope_(
 
 
 @triton.jit
+def _rotated(rows, d, cos, signed_sin, D: tl.constexpr, mask):
+    """RoPE (NeoX halves) of the heads at `rows` (pointers to [.., D] rows; cos and sin [D] over d in float32, sin
+    negated on the first half), rounded to the heads' dtype: the rotate-half partner of column d is d +- D/2."""
+    x = tl.load(rows + d, mask=mask, other=0.0)
+    partner = tl.load(rows + (d + D // 2) % D, mask=mask, other=0.0)
+    return (x.to(tl.float32) * cos + partner.to(tl.float32) * signed_sin).to(x.dtype)
+
+
+@triton.jit
 def _decode_attention_partial(
-    qkv_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, acc_ptr, max_ptr, sum_ptr, scale,
+    qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, acc_ptr, max_ptr, sum_ptr, scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     S: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -762,12 +778,24 @@ def _decode_attention_partial(
     real = g < GROUP
     # The row's keys end at its new token's slot: only those chunks are read, shared out evenly over the splits, so
     # the work follows the row's length, not the cache's capacity.
-    chunks = (tl.load(slot_ptr + b).to(tl.int32) + CHUNK) // CHUNK
+    newest = tl.load(slot_ptr + b).to(tl.int32)
+    chunks = (newest + CHUNK) // CHUNK
     per_split = (chunks + splits - 1) // splits
     first = split * per_split
     last = tl.minimum(first + per_split, chunks)
-    q_rows = b * (Q_HEADS + 2 * KV_HEADS) + kv_head * GROUP + g
-    q = tl.load(qkv_ptr + q_rows[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+    # RoPE here rather than in a kernel of its own (one fewer link in the chain of small kernels between a layer's
+    # weight reads): every program rotates its query heads; the one that reads the newest slot rotates the new key
+    # and writes it and the new value to the cache first.
+    cos = tl.load(cos_ptr + b * D + d)
+    signed_sin = tl.where(d < D // 2, -1.0, 1.0) * tl.load(sin_ptr + b * D + d)
+    token_heads = qkv_ptr + b * (Q_HEADS + 2 * KV_HEADS) * D
+    q = _rotated(token_heads + (kv_head * GROUP + g)[:, None] * D, d[None, :], cos[None, :], signed_sin[None, :], D,
+                 real[:, None])
+    if (first < chunks) & (chunks <= last):
+        new_row = (bh * S + newest) * D + d
+        tl.store(k_ptr + new_row, _rotated(token_heads + (Q_HEADS + kv_head) * D, d, cos, signed_sin, D, d < D))
+        tl.store(v_ptr + new_row, tl.load(token_heads + (Q_HEADS + KV_HEADS + kv_head) * D + d))
+        tl.debug_barrier()  # the writes are seen by all of this program's threads when they read the chunk
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -829,14 +857,17 @@ def _decode_attention_combine(
 
 
 def decode_attention(
-    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor, slots: torch.Tensor,
-    num_heads: int, tuning: KernelTuning = DEFAULT_TUNING,
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    key_valid: torch.Tensor, slots: torch.Tensor, num_heads: int, tuning: KernelTuning = DEFAULT_TUNING,
 ) -> torch.Tensor:
-    """One new token per row over its cache (split over groups of key chunks, then combined: flash decoding).
+    """One new token per row over its cache (split over groups of key chunks, then combined: flash decoding), with
+    its RoPE and its cache write: what `rope_` then attention would do, in two launches.
 
-    qkv [B, 1, heads, D] holds the rotated queries; caches [B, kv_heads, S, D]; key_valid [B, S] bool; slots [B]
-    each row's new token's slot: the row's valid keys all lie at or before it (causal in slot order), so only its
-    first slots + 1 keys are read and a large cache costs nothing. Returns [B, num_heads, D]."""
+    qkv [B, 1, heads, D], the fused projection (queries, keys, values; not rotated, and left as it is); cos/sin
+    [B, 1, D] float32; caches [B, kv_heads, S, D], where the new key (rotated) and value are written at `slots`;
+    key_valid [B, S] bool, the new slots included; slots [B] each row's new token's slot: the row's valid keys all
+    lie at or before it (causal in slot order), so only its first slots + 1 keys are read and a large cache costs
+    nothing. Returns [B, num_heads, D]."""
     B, D = qkv.shape[0], qkv.shape[-1]
     kv_heads, S = k_cache.shape[1], k_cache.shape[2]
     chunk = min(tuning.decode_attention_chunk, S)
@@ -849,8 +880,9 @@ def decode_attention(
     maxima = torch.empty(parts, dtype=torch.float32, device=qkv.device)
     sums = torch.empty(parts, dtype=torch.float32, device=qkv.device)
     _decode_attention_partial[(B * kv_heads, splits)](
-        qkv, k_cache, v_cache, key_valid, slots, acc, maxima, sums, D**-0.5, Q_HEADS=num_heads, KV_HEADS=kv_heads,
-        GROUP=group, GROUP_PAD=max(16, group), D=D, S=S, CHUNK=chunk, **_pdl_args(qkv.device), num_warps=4,
+        qkv, cos.contiguous(), sin.contiguous(), k_cache, v_cache, key_valid, slots, acc, maxima, sums, D**-0.5,
+        Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, group), D=D, S=S, CHUNK=chunk,
+        **_pdl_args(qkv.device), num_warps=4,
     )
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
     d_block = min(D, 32)
@@ -877,12 +909,12 @@ def _multiprocessors(device: torch.device) -> int:
 
 @triton.jit
 def _route_kernel(logits_ptr, idx_ptr, weight_ptr, E: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr,
-                  RENORM: tl.constexpr, PDL: tl.constexpr):
+                  K_P2: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
     _wait_for_inputs(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     logits = tl.load(logits_ptr + row * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
-    _softmax_top_k(logits, cols, idx_ptr + row * K, weight_ptr + row * K, K, RENORM)
+    _softmax_top_k(logits, cols, idx_ptr + row * K, weight_ptr + row * K, K, K_P2, RENORM)
 
 
 def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -892,7 +924,8 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
     idx = torch.empty(T, k, dtype=torch.long, device=logits.device)
     weight = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     _route_kernel[(T,)](
-        logits.contiguous(), idx, weight, E=E, BLOCK_E=triton.next_power_of_2(E), K=k, RENORM=renormalize,
+        logits.contiguous(), idx, weight, E=E, BLOCK_E=triton.next_power_of_2(E), K=k, K_P2=triton.next_power_of_2(k),
+        RENORM=renormalize,
         **_pdl_args(logits.device), num_warps=1,
     )
     return idx, weight

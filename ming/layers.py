@@ -251,12 +251,13 @@ def attend(
     split = [num_heads, num_kv_heads, num_kv_heads]
     over_cache = cache is not None and mask is not None and mask.shape[-1] == cache[0].shape[2] != L
     if use_triton(qkv):
-        # One kernel rotates q/k in place and writes k/v into the cache; one token then attends in two more.
-        kernels.rope_(qkv, *rope, num_heads, num_kv_heads, cache, slots)
         if over_cache and L == 1 and flash_decoding_fits(cache[0]):
+            # One token: RoPE, the cache write and attention in two kernels.
             newest = slots.reshape(-1).expand(B) if slots.numel() == 1 else slots.reshape(B)
-            out = kernels.decode_attention(qkv, *cache, mask.reshape(B, -1), newest, num_heads, tuning)
+            out = kernels.decode_attention(qkv, *rope, *cache, mask.reshape(B, -1), newest, num_heads, tuning)
             return out.view(B, 1, -1)
+        # One kernel rotates q/k in place and writes k/v into the cache.
+        kernels.rope_(qkv, *rope, num_heads, num_kv_heads, cache, slots)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))
     else:
         q, k, v = (t.transpose(1, 2) for t in qkv.split(split, dim=2))

@@ -242,22 +242,35 @@ def test_triton_norm_rope_and_router_match_torch():
     assert torch.equal(v_cache[0, :, 5:8], qkv[0, :, 20:24].transpose(0, 1))
     assert not k_cache[:, :, :5].any() and not v_cache[:, :, 8:].any()
 
-    # Decode attention against plain softmax: rows of different lengths in a 1,024-slot and a 16,384-slot cache (a
-    # hole in one row; valid keys past a row's own slot are not seen: attention is causal in slot order).
+    # Decode attention (with its RoPE and cache write) against plain softmax: rows of different lengths in a
+    # 1,024-slot and a 16,384-slot cache (a hole in one row; valid keys past a row's own slot are not seen:
+    # attention is causal in slot order), the new key rotated and written with its value at each row's slot.
     for S, newest in ((1024, [299, 299]), (16384, [299, 15000, 0])):
         B = len(newest)
-        q_qkv = torch.randn(B, 1, 24, 128, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(B, 1, 24, 128, device="cuda", dtype=torch.bfloat16)
         kc, vc = torch.randn(2, B, 4, S, 128, device="cuda", dtype=torch.bfloat16)
         slots = torch.tensor(newest, device="cuda")
+        cos, sin = rope_cos_sin(slots[:, None] + 7, 128, 600000.0)
         valid = torch.arange(S, device="cuda")[None] <= slots[:, None]
         valid[1, 10:20] = False
         seen = valid.clone()
         valid[0, 400:600] = True
-        got = kernels.decode_attention(q_qkv, kc, vc, valid, slots, 16)
-        q = q_qkv[:, 0, :16].float().view(B, 4, 4, 128)
-        scores = (q @ kc.float().transpose(-1, -2)) / 128**0.5
+        want_k, want_v = kc.clone(), vc.clone()
+        rows = torch.arange(B, device="cuda")
+        want_k[rows, :, slots] = apply_rope(qkv[:, :, 16:20].float().transpose(1, 2), cos, sin)[:, :, 0].bfloat16()
+        want_v[rows, :, slots] = qkv[:, 0, 20:24]
+        before = qkv.clone()
+        got = kernels.decode_attention(qkv, cos, sin, kc, vc, valid, slots, 16)
+        assert torch.equal(qkv, before)  # the projection is read, not rotated in place
+        torch.testing.assert_close(kc, want_k, rtol=1e-2, atol=1e-2)
+        assert torch.equal(vc, want_v)
+        new = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+        new[rows, slots] = True
+        assert torch.equal(kc.transpose(1, 2)[~new], want_k.transpose(1, 2)[~new])  # no other slot written
+        q = apply_rope(qkv[:, :, :16].float().transpose(1, 2), cos, sin).view(B, 4, 4, 128)
+        scores = (q @ want_k.float().transpose(-1, -2)) / 128**0.5
         probs = scores.masked_fill(~seen[:, None, None], float("-inf")).softmax(-1)
-        want = (probs @ vc.float()).view(B, 16, 128)
+        want = (probs @ want_v.float()).view(B, 16, 128)
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
     logits = torch.randn(4, 64, device="cuda")

@@ -47,3 +47,44 @@ def test_one_row_moe_matches_the_loop_and_moe_sorted(pieces):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got, kernels.moe_sorted(x, idx, weight, w_gate, w_up, w_down, shared, residual),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_rotates_writes_the_cache_and_attends():
+    """decode_attention (RoPE, the new key and value written at each row's slot, flash decoding over the row's
+    keys) against rotating, writing and attending in PyTorch: rows at different slots, a hole in one row."""
+    from ming.layers import apply_rope, rope_cos_sin
+
+    B, heads, kv_heads, D, S = 2, 8, 2, 32, 256
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, 1, heads + 2 * kv_heads, D, generator=gen)
+    k_cache, v_cache = torch.randn(2, B, kv_heads, S, D, generator=gen)
+    slots = torch.tensor([70, 200])
+    cos, sin = rope_cos_sin(slots[:, None] + 3, D, 10000.0)
+    valid = torch.arange(S)[None] <= slots[:, None]
+    valid[1, 5:9] = False
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    rows = torch.arange(B)
+    want_k[rows, :, slots] = apply_rope(qkv[:, :, heads:heads + kv_heads].transpose(1, 2), cos, sin)[:, :, 0]
+    want_v[rows, :, slots] = qkv[:, 0, heads + kv_heads:]
+    got = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, valid, slots, heads)
+    torch.testing.assert_close(k_cache, want_k)
+    torch.testing.assert_close(v_cache, want_v)
+    q = apply_rope(qkv[:, :, :heads].transpose(1, 2), cos, sin)  # [B, heads, 1, D]
+    groups = heads // kv_heads
+    keys, values = want_k.repeat_interleave(groups, 1), want_v.repeat_interleave(groups, 1)
+    scores = (q @ keys.transpose(-1, -2) / D**0.5).masked_fill(~valid[:, None, None], float("-inf"))
+    want = (scores.softmax(-1) @ values)[:, :, 0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_routing_picks_the_top_k_in_order_with_ties_to_the_lower_expert():
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    logits[0, 9] = logits[0, 40] = logits[0].max() + 1  # a tie for first place
+    for renormalize in (True, False):
+        idx, weight = kernels.route_topk(logits, 6, renormalize)
+        want_weight, want_idx = logits.softmax(-1).topk(6)
+        assert idx[0, :2].tolist() == [9, 40]
+        assert torch.equal(idx, want_idx)
+        if renormalize:
+            want_weight = want_weight / want_weight.sum(-1, keepdim=True)
+        torch.testing.assert_close(weight, want_weight)
