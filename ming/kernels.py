@@ -929,3 +929,31 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
         **_pdl_args(logits.device), num_warps=1,
     )
     return idx, weight
+
+
+@triton.jit
+def _argmax_kernel(logits_ptr, out_ptr, V: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_inputs(PDL)
+    row = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_at = tl.full([BLOCK], V, tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        x = tl.load(logits_ptr + row.to(tl.int64) * V + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        better = x > best  # strictly: a lane keeps the first column of its largest value
+        best = tl.where(better, x, best)
+        best_at = tl.where(better, cols, best_at)
+    top = tl.max(best, axis=0)
+    # The lowest column holding the largest value, as torch.argmax; an all -inf row gives column 0.
+    first = tl.min(tl.where(best == top, best_at, V), axis=0)
+    tl.store(out_ptr + row, tl.where(first < V, first, 0).to(tl.int64))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, -1) for logits [B, V] (no NaN): one program a row. torch's own reduction takes ~37 us for
+    one 126,464-logit row on an H200, 2% of a batch-1 decode step."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    _argmax_kernel[(B,)](logits.contiguous(), out, V=V, BLOCK=4096, **_pdl_args(logits.device), num_warps=16)
+    return out

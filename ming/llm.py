@@ -32,6 +32,21 @@ from .layers import (
 )
 
 TEXT, IMAGE, AUDIO = 0, 1, 2  # router ids: which gate a token is routed by
+RouterRows = list[tuple[int, torch.Tensor]]
+
+
+def modality_rows(router_ids: torch.Tensor | None) -> RouterRows | None:
+    """Which gate scores which tokens, from router ids [B, L] (TEXT/IMAGE/AUDIO): None when all are text (the text
+    gate scores every token), else (router id, flat token indices) per router present. Found once per forward pass:
+    a check in every layer would stop the host for the GPU 28 times a prompt chunk (the host launches a prompt's
+    kernels faster than the GPU runs them only if it never waits for them)."""
+    if router_ids is None:
+        return None
+    flat = router_ids.reshape(-1)
+    present = torch.bincount(flat, minlength=3).tolist()
+    if present[IMAGE] == present[AUDIO] == 0:
+        return None
+    return [(router, (flat == router).nonzero().squeeze(-1)) for router in (TEXT, IMAGE, AUDIO) if present[router]]
 
 
 class Attention(nn.Module, TunedKernels):
@@ -172,18 +187,17 @@ class SparseMoeBlock(nn.Module, TunedKernels):
             else None
         )
 
-    def router_logits(self, x: torch.Tensor, router_ids: torch.Tensor | None) -> torch.Tensor:
-        """x [T, H], router_ids [T] (TEXT/IMAGE/AUDIO) or None (all text) -> gate logits [T, E].
+    def router_logits(self, x: torch.Tensor, router_rows: RouterRows | None) -> torch.Tensor:
+        """x [T, H], router_rows (`modality_rows`: None when all tokens are text) -> gate logits [T, E].
 
         Each token is scored only by its own modality's gate; the result equals computing all three gates and
         selecting per token, as the release does."""
-        if router_ids is None or not bool((router_ids != TEXT).any()):
+        if router_rows is None:
             return self.gate.logits(x)
         logits = x.new_empty(x.shape[0], self.gate.weight.shape[0])
-        for modality, gate in ((TEXT, self.gate), (IMAGE, self.image_gate), (AUDIO, self.audio_gate)):
-            rows = (router_ids == modality).nonzero().squeeze(-1)
-            if rows.numel():
-                logits[rows] = gate.logits(x[rows])
+        gates = {TEXT: self.gate, IMAGE: self.image_gate, AUDIO: self.audio_gate}
+        for router, rows in router_rows:
+            logits[rows] = gates[router].logits(x[rows])
         return logits
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +214,7 @@ class SparseMoeBlock(nn.Module, TunedKernels):
     def forward(
         self,
         x: torch.Tensor,
-        router_ids: torch.Tensor | None,
+        router_rows: RouterRows | None,
         residual: torch.Tensor | None = None,
         routing: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -210,7 +224,7 @@ class SparseMoeBlock(nn.Module, TunedKernels):
         B, L, H = x.shape
         flat = x.reshape(-1, H)
         if routing is None:
-            routing = self.route(self.router_logits(flat, None if router_ids is None else router_ids.reshape(-1)))
+            routing = self.route(self.router_logits(flat, router_rows))
         topk_idx, topk_weight = routing
         if decode_batch(x):
             # The rows sorted by expert: each chosen expert read once for all of its rows, the shared one alongside
@@ -240,13 +254,13 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SparseMoeBlock(config)
 
-    def forward(self, x, rope, mask, router_ids, cache=None, slots=None) -> torch.Tensor:
+    def forward(self, x, rope, mask, router_rows, cache=None, slots=None) -> torch.Tensor:
         attention = self.attention(x, rope, mask, cache, slots, input_norm=self.input_layernorm)
         norm = self.post_attention_layernorm
         if not isinstance(self.mlp, SparseMoeBlock):
             x, h = norm.add_and_norm(x, attention)
             return self.mlp(h, residual=x)
-        if few_tokens(x) and router_ids is None:
+        if few_tokens(x) and router_rows is None:
             # Decode: the residual add, the norm, the (text) gate and the routing in one kernel.
             B, L, H = x.shape
             moe = self.mlp
@@ -254,9 +268,9 @@ class DecoderLayer(nn.Module):
                 x.reshape(-1, H), attention.reshape(-1, H), norm.weight, norm.eps, moe.gate.weight, moe.top_k,
                 moe.top_k > 1 and moe.norm_topk_prob,
             )
-            return moe(h.view(B, L, H), router_ids, residual=x.view(B, L, H), routing=tuple(routing))
+            return moe(h.view(B, L, H), router_rows, residual=x.view(B, L, H), routing=tuple(routing))
         x, h = norm.add_and_norm(x, attention)
-        return self.mlp(h, router_ids, residual=x)
+        return self.mlp(h, router_rows, residual=x)
 
 
 class BailingMoeModel(nn.Module):
@@ -282,10 +296,11 @@ class BailingMoeModel(nn.Module):
         what they attend to (see `ming.layers.attend`): a prompt from slot 0 attends to itself, a decode step or a
         chunk prefilled after earlier ones to the cache."""
         rope = rope_cos_sin(position_ids, self.config.attention_head_dim, self.config.rope_theta)
+        router_rows = modality_rows(router_ids)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x = layer(x, rope, mask, router_ids, layer_cache, slots)
+            x = layer(x, rope, mask, router_rows, layer_cache, slots)
         return self.norm(x) if final_norm else x
 
 

@@ -37,7 +37,7 @@ import torch
 from ming.generation import DecodeStep, key_valid_of
 from ming.layers import CAPTURE_LOCK, MIN_BUCKET, OrderedLock, cache_bucket, cache_mask, prompt_mask, use_triton
 from ming.modeling import MingOmni, split_generation_kwargs
-from ming.sampling import NgramGuard, SamplingConfig, select_next_token
+from ming.sampling import NgramGuard, SamplingConfig, most_likely, select_next_token
 from ming.speech.talker import MAX_NEW_TOKENS as TALKER_MAX_NEW_TOKENS
 from ming.speech.talker import MIN_NEW_TOKENS as TALKER_MIN_NEW_TOKENS
 from ming.speech.talker import DecodeStep as DecodeTalkerStep
@@ -453,7 +453,7 @@ class Scheduler:
         chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(requests) if not r.cfg.do_sample]
         if greedy:
-            chosen[greedy] = logits[greedy].argmax(dim=-1)
+            chosen[greedy] = most_likely(logits[greedy])
         unseeded: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, request in enumerate(requests):
             cfg = request.cfg

@@ -517,3 +517,11 @@ def test_replies_spoken_at_once_on_the_gpu_sound_as_each_alone(tmp_path):
         assert len(a) > 0 and (a == b).all()
     assert shared.speech.talker.peak_speaking > 1
     shared.close()
+
+
+def test_most_likely_matches_argmax_on_the_gpu():
+    from ming.sampling import most_likely
+
+    logits = torch.randn(5, 126464, device="cuda")
+    logits[1, 10] = logits[1, 126000] = 100.0
+    assert torch.equal(most_likely(logits), logits.argmax(-1))

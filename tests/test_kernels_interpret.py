@@ -88,3 +88,11 @@ def test_routing_picks_the_top_k_in_order_with_ties_to_the_lower_expert():
         if renormalize:
             want_weight = want_weight / want_weight.sum(-1, keepdim=True)
         torch.testing.assert_close(weight, want_weight)
+
+
+def test_argmax_rows_takes_the_first_of_equal_maxima():
+    logits = torch.randn(3, 10000, generator=torch.Generator().manual_seed(2))
+    logits[1, 77] = logits[1, 9000] = 50.0  # a tie: the lower column, as torch.argmax
+    logits[2] = float("-inf")
+    logits[2, 9999] = 0.0  # the last column, in the last (partial) block
+    assert kernels.argmax_rows(logits).tolist() == [int(logits[0].argmax()), 77, 9999]

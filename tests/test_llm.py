@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ming.configs import RELEASE_CONFIG, MingConfig
 from ming.layers import RMSNorm, apply_rope, cache_mask, decode_mask, prompt_mask, rope_cos_sin
-from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, SparseMoeBlock
+from ming.llm import AUDIO, IMAGE, TEXT, BailingMoeForCausalLM, SparseMoeBlock, modality_rows
 from ming.sampling import NgramGuard, SamplingConfig, select_next_token
 from ming.testing.tiny import tiny_config
 from ming.testing.weights import tiny_tensor
@@ -63,7 +63,8 @@ def test_each_token_uses_its_modality_gate():
     block: SparseMoeBlock = llm.model.layers[0].mlp
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
     router_ids = torch.tensor([TEXT, IMAGE, IMAGE, AUDIO, TEXT, AUDIO])
-    idx, _ = block.route(block.router_logits(x, router_ids))
+    idx, _ = block.route(block.router_logits(x, modality_rows(router_ids)))
+    assert modality_rows(torch.full((2, 3), TEXT)) is None  # all text: the text gate alone, no per-token split
     for t, gate in enumerate([block.gate, block.image_gate, block.image_gate, block.audio_gate, block.gate, block.audio_gate]):
         scores = gate.logits(x[t : t + 1]).softmax(-1)
         assert set(scores.topk(3).indices[0].tolist()) == set(idx[t].tolist())
@@ -190,6 +191,16 @@ def test_sampling_rules():
     wide = SamplingConfig(do_sample=True, top_p=0.99)
     picks = {select_next_token(logits, wide, None, torch.Generator().manual_seed(s)).item() for s in range(40)}
     assert picks == {1, 2}
+    # The draws follow the nucleus renormalised, row by row, in vocabulary order (rows sorted differently).
+    probs = torch.tensor([[0.05, 0.4, 0.3, 0.2, 0.05], [0.5, 0.02, 0.03, 0.05, 0.4]])
+    nucleus = SamplingConfig(do_sample=True, top_p=0.85)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([select_next_token(probs.log(), nucleus, None, generator) for _ in range(4000)])
+    for row, kept in ((0, {1: 0.4, 2: 0.3, 3: 0.2}), (1, {0: 0.5, 4: 0.4})):
+        counts = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
+        for token in range(5):
+            want = kept.get(token, 0.0) / sum(kept.values())
+            assert abs(counts[token].item() - want) < 0.03, (row, token, counts.tolist())
     # no_repeat_ngram_size=2: after "... 7 1" the bigram (1, x) seen before bans x.
     assert NgramGuard(2, [1, 2, 7, 1]).banned() == [2]
     guard = NgramGuard(3, [5, 6, 9, 5])
