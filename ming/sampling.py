@@ -82,12 +82,12 @@ def select_next_token(
     if cfg.top_k > 0:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    probs = logits.softmax(dim=-1)  # once: each launch here is a pause in the decode loop
     if cfg.top_p < 1.0:
-        # The nucleus is a prefix of the probabilities sorted in descending order: draw there, then map back (each
-        # launch here is a pause in the decode loop, so nothing is scattered back to vocabulary order).
-        probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= cfg.top_p, 0.0)
-        return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= cfg.top_p
+        # The draw stays in vocabulary order: in sorted order, logits that differ in their last bits (one prompt
+        # decoded alone or in a batch) could swap two near-equal tokens and send the same seed elsewhere.
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
