@@ -58,3 +58,22 @@ def test_sampling_with_a_seed_is_reproducible_and_differs_from_greedy(model):
 def test_unknown_generation_arguments_are_named(model):
     with pytest.raises(TypeError, match="pixel_valuez"):
         model.generate(prompt(4, 6), max_new_tokens=2, pixel_valuez=torch.zeros(1))
+
+
+def test_a_row_that_ends_early_leaves_the_other_rows_as_they_are_alone(model, monkeypatch):
+    """A row reaching <|endoftext|> stops there while the next step is already under way; the other row's tokens
+    are those it makes alone, and the batch ends when its last row does. (The end-of-text id is moved to a token
+    the first prompt makes, so the tiny model ends a text.)"""
+    first, second = prompt(6, 8), prompt(6, 9)
+    alone = model.generate(first, max_new_tokens=8)[0].tolist()
+    eos = alone[2]
+    if eos in alone[:2]:
+        pytest.skip("the tiny model repeats itself here")
+    monkeypatch.setattr(model.model.config, "eos_token_id", eos)
+    other = model.generate(second, max_new_tokens=8)[0].tolist()
+    stream = model.generate_stream(first, max_new_tokens=8)
+    assert list(stream) == alone[:2] and stream.finish_reason == "eos"
+    batch = model.generate(torch.cat([first, second]), max_new_tokens=8)
+    pad = model.config.llm_config.pad_token_id
+    assert batch[0].tolist()[:2] == alone[:2] and set(batch[0].tolist()[2:]) <= {pad}
+    assert batch[1].tolist() == other
