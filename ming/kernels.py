@@ -140,7 +140,8 @@ def _tickets(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class KernelTuning:
     """Block shapes of the decode kernels: (BLOCK_N, BLOCK_K, num_warps) per GEMV family and keys per program of
-    the attention. Picked with bench/profile_decode.py on an H100; a layer holds one and passes it to each call."""
+    the attention. Picked with bench/profile_decode.py and bench/moe.py (on an H100, the GEMVs again on an H200 with
+    programmatic dependent launch); a layer holds one and passes it to each call."""
 
     # qkv, dense and the head; H200 batch-1 decode (PDL on): 531 tok/s against 517 with (4, 512, 4)
     gemv_blocks: tuple[int, int, int] = (4, 1024, 4)
