@@ -28,7 +28,21 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # Triton 3.3+; with an older one the kernels simply launch one after another (`pdl` is False)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 
 # ------------------------------------------------------------------------------ programmatic dependent launch
@@ -38,7 +52,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 # during a step) and then waits in `_wait_for_inputs` for the earlier kernel's outputs.
 def pdl(device: torch.device) -> bool:
     """Whether this file's kernels launch with programmatic dependent launch on `device`: sm90+, unless MING_PDL=0."""
-    return device.type == "cuda" and os.environ.get("MING_PDL", "1") != "0" and _capability(device) >= 9
+    return device.type == "cuda" and HAS_PDL and os.environ.get("MING_PDL", "1") != "0" and _capability(device) >= 9
 
 
 def _pdl_args(device: torch.device) -> dict:
