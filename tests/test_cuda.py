@@ -197,7 +197,10 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
     llm = BailingMoeForCausalLM(config).to("cuda", torch.bfloat16)
     with torch.no_grad():
         for param in llm.parameters():
-            param.uniform_(0.5, 1.5) if param.dim() == 1 else param.normal_(0, 0.03)
+            if param.dim() == 1:  # norms
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0, 0.03)
 
     def decode(batch: int) -> torch.Tensor:
         step = DecodeStep(llm, batch, 1024, torch.bfloat16, torch.device("cuda"), capture=True)
