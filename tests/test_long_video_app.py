@@ -228,8 +228,10 @@ def test_host_memory_stays_flat_from_one_minute_to_an_hour(client, videos):
                 added.setdefault(name, []).append(vm_kib("VmHWM") - before)
             long_video_flow.free_session(client.session_hash)
     print(f"peak RSS added per request by length (MiB): { {n: [v >> 10 for v in a] for n, a in added.items()} }")
-    worst = {name: max(values) for name, values in added.items()}
-    assert max(worst.values()) - min(worst.values()) < 64 * 1024, f"KiB added at the peak, by length: {added}"
+    # The smaller of the rounds: a cost that grows with the video's length shows in every round, while the
+    # allocator's own swings do not (in a full test run the same hour-long video once added 90 MB, then 0.1 MB).
+    least = {name: min(values) for name, values in added.items()}
+    assert max(least.values()) - min(least.values()) < 64 * 1024, f"KiB added at the peak, by length: {added}"
 
 
 def test_cached_videos_cost_the_same_whatever_their_length(client, videos):
