@@ -455,9 +455,10 @@ def test_browser_call_answers_two_turns_without_a_click(call_page, monkeypatch, 
     import serving.engine
 
     monkeypatch.setattr(serving.engine, "run_job", scripted_model(piece_s=0.15))
-    # Two questions 1.5 s apart. With a 0.3 s pause the first reply (0.15 s of audio) has played out before the
-    # second question starts, so neither is an interruption.
-    audio, spans = call_audio(1.0, QUESTION, 1.5, REQUEST, 40.0)
+    # Two questions 2.5 s apart. With a 0.3 s pause the first reply (0.15 s of audio) has played out before the
+    # second question starts, so neither is an interruption. (1.5 s apart, a fresh-clone run of the whole suite on 2
+    # cores once started the first reply 0.15 s after the second question, three attempts running.)
+    audio, spans = call_audio(1.0, QUESTION, 2.5, REQUEST, 40.0)
     page = call_page(write_wav(tmp_path, "two_questions.wav", audio), max_new_tokens=10, pause_s=0.3)
     start_call(page)
     expect = sync_expect()
