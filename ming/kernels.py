@@ -505,8 +505,8 @@ def moe_one_row(
         h, idx, topk_weight.float().contiguous(), w_down, s_down,
         residual.reshape(1, H).contiguous() if residual is not None else x, out, TOP_K=top_k, H=H, I=I,
         PIECES=pieces, HAS_RESIDUAL=residual is not None, TOP_K_P2=triton.next_power_of_2(top_k),
-        PIECES_P2=triton.next_power_of_2(max(pieces, 1)), BLOCK_N=down_bn, BLOCK_K=min(down_bk, triton.next_power_of_2(I)),
-        **_pdl_args(x.device), num_warps=down_warps,
+        PIECES_P2=triton.next_power_of_2(max(pieces, 1)), BLOCK_N=down_bn,
+        BLOCK_K=min(down_bk, triton.next_power_of_2(I)), **_pdl_args(x.device), num_warps=down_warps,
     )
     return out
 
@@ -567,8 +567,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 def _add_norm_route_kernel(
     x_ptr, delta_ptr, norm_weight_ptr, router_ptr, sum_ptr, normed_ptr, logits_ptr, ticket_ptr, idx_ptr, weight_ptr,
     eps, H: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, RENORM: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):
     token = tl.program_id(0)
     part = tl.program_id(1)  # which ROWS of the router's E rows this program scores
@@ -940,8 +939,7 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
     weight = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     _route_kernel[(T,)](
         logits.contiguous(), idx, weight, E=E, BLOCK_E=triton.next_power_of_2(E), K=k, K_P2=triton.next_power_of_2(k),
-        RENORM=renormalize,
-        **_pdl_args(logits.device), num_warps=1,
+        RENORM=renormalize, **_pdl_args(logits.device), num_warps=1,
     )
     return idx, weight
 

@@ -7,13 +7,13 @@ Each admitted request gets a row. Every turn of the loop:
      the freed one (its used slots, valid flags, position and slot), so occupied rows stay packed at the bottom;
   2. waiting requests are admitted into free rows (the rest wait, and are told how many requests are ahead);
   3. the decode step launched last turn is read: each of its requests chooses its next token;
-  4. the next decode step is launched: it feeds every decoding row its next token, each row at its own cache slot
-     and position, captured for the smallest batch bucket (1, 2, 4, ... rows) covering the occupied rows;
-  5. one request's prompt is embedded (media included) and prefilled into its row, one chunk of at most
-     `prefill_chunk` tokens per turn, so that running streams never stall long for someone else's prompt (the step
-     of 4 runs on the GPU meanwhile);
-  6. the tokens chosen in 3 go to their streams while the GPU works, so it never waits for the streams' Python
-     (waking a visitor's thread, taking the GIL) between steps.
+  4. one request's prompt is embedded (media included) and prefilled into its row, one chunk of at most
+     `prefill_chunk` tokens per turn, so that running streams never stall long for someone else's prompt;
+  5. the next decode step is launched: it feeds every decoding row its next token (the request prefilled in 4
+     included), each row at its own cache slot and position, captured for the smallest batch bucket (1, 2, 4, ...
+     rows) covering the occupied rows;
+  6. the tokens chosen in 3 go to their streams while that step runs, so the GPU never waits for the streams'
+     Python (waking a visitor's thread, taking the GIL) between steps.
 
 Each request keeps its own sampling settings, seed, max tokens, repetition guard and stop event, and streams its
 token ids through a `RequestStream`. Iteration-level scheduling and chunked prefill are the ideas of Orca, vLLM and
