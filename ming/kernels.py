@@ -5,7 +5,8 @@ PyTorch, also launch-bound: about 1,800 small kernels per token. These kernels r
 - QKV projection with the input RMSNorm inside it (a GEMV: faster than cuBLAS at one token), flash-decoding
   attention (partial + combine) that applies RoPE, writes the new key and value to the cache and reads each row
   only up to its own length, the output projection (prompts: `rope_` rotates in place and writes the cache);
-- the residual add + post-attention norm + router gate + softmax/top-k in one kernel;
+- the residual add + post-attention norm + router gate + softmax/top-k in one kernel (at one row the shared
+  expert's SwiGLU too, so that its weights stream while the routing is worked out);
 - the MoE with its (row, expert) pairs sorted by expert in blocks: each chosen expert's weights are read once for
   all the rows that chose it, on tensor cores, the shared expert alongside as more blocks, the weighted sum and the
   residual add in a last small kernel; no host sync, so the step stays in a CUDA graph. One row takes two GEMV
@@ -102,22 +103,31 @@ def _softmax_top_k(logits, cols, idx_row, weight_row, K: tl.constexpr, K_P2: tl.
 
 
 @triton.jit
-def _swiglu_rows(x_row, gate_ptr, up_ptr, rows, K: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-    """silu(gate @ x) * (up @ x) for `rows` of one expert's [N, K] gate/up weights, each projection rounded to
-    `dtype` first (as separate linear layers would)."""
-    row_ok = rows < N
+def _weight_tiles(gate_ptr, up_ptr, rows, k0, K: tl.constexpr, N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of `rows` of an [N, K] gate and up weight pair (zero outside)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    offsets = rows[:, None] * K + cols[None, :]
+    m = (rows < N)[:, None] & (cols < K)[None, :]
+    return tl.load(gate_ptr + offsets, mask=m, other=0.0), tl.load(up_ptr + offsets, mask=m, other=0.0)
+
+
+@triton.jit
+def _swiglu_rows(x_row, delta_row, norm_weight_ptr, rstd, gate_ptr, up_ptr, first_gate, first_up, rows,
+                 K: tl.constexpr, N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DELTA: tl.constexpr, NORM: tl.constexpr,
+                 dtype: tl.constexpr):
+    """silu(gate @ x) * (up @ x) for `rows` of [N, K] gate/up weights, each projection rounded to `dtype` first (as
+    separate linear layers would). The first tiles (`_weight_tiles` at column 0) come loaded, so that a kernel can
+    request them before it waits for x; x is read as `_gemv_input` reads it."""
+    x = _gemv_input(x_row, delta_row, norm_weight_ptr, rstd, tl.arange(0, BLOCK_K), K, HAS_DELTA, NORM, dtype)
     # Accumulate elementwise and reduce once at the end: a reduction per tile would stall the loads.
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
-        offsets = rows[:, None] * K + cols[None, :]
-        m = row_ok[:, None] & col_ok[None, :]
-        acc_gate += tl.load(gate_ptr + offsets, mask=m, other=0.0).to(tl.float32) * x[None, :]
-        acc_up += tl.load(up_ptr + offsets, mask=m, other=0.0).to(tl.float32) * x[None, :]
+    acc_gate = first_gate.to(tl.float32) * x[None, :]
+    acc_up = first_up.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        gate, up = _weight_tiles(gate_ptr, up_ptr, rows, k0, K, N, BLOCK_K)
+        x = _gemv_input(x_row, delta_row, norm_weight_ptr, rstd, k0 + tl.arange(0, BLOCK_K), K, HAS_DELTA, NORM,
+                        dtype)
+        acc_gate += gate.to(tl.float32) * x[None, :]
+        acc_up += up.to(tl.float32) * x[None, :]
     return _swiglu(tl.sum(acc_gate, axis=1), tl.sum(acc_up, axis=1), dtype)
 
 
@@ -132,11 +142,13 @@ def _swiglu(gate, up, dtype: tl.constexpr):
 @triton.jit
 def _swiglu_gate_up_kernel(x_ptr, w_gate_ptr, w_up_ptr, h_ptr, H: tl.constexpr, I: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    _wait_for_inputs(PDL)
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_gate, first_up = _weight_tiles(w_gate_ptr, w_up_ptr, rows, 0, H, I, BLOCK_K)
+    _wait_for_inputs(PDL)  # the first weight tiles are on their way meanwhile
     dtype = h_ptr.dtype.element_ty
-    h = _swiglu_rows(x_ptr + token * H, w_gate_ptr, w_up_ptr, rows, H, I, BLOCK_N, BLOCK_K, dtype)
+    h = _swiglu_rows(x_ptr + token * H, x_ptr, x_ptr, 1.0, w_gate_ptr, w_up_ptr, first_gate, first_up, rows, H, I,
+                     BLOCK_K, False, False, dtype)
     tl.store(h_ptr + token * I + rows, h.to(dtype), mask=rows < I)
 
 
@@ -162,11 +174,15 @@ class KernelTuning:
     gate_up_blocks: tuple[int, int, int] = (16, 128, 2)  # a dense MLP's gate/up (the talker's)
     decode_attention_chunk: int = 64
     sorted_moe_blocks: tuple[int, int, int, int, int] = (16, 64, 128, 4, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-    # (BLOCK_N, BLOCK_K, warps) of moe_one_row's gate/up and down kernels, from `bench/moe.py --batches 1 --tune` on
-    # an H200: 42.0 us for one row's ~138 MB of experts (the first guess, down (4, 128, 4), took 56 us; moe_sorted
-    # 43 us in four launches). Gate/up: (6 experts + 2 shared pieces) x 1408 / 16 = 704 programs; down: 2048 / 8 =
-    # 256 programs, each over all 8 slots at once.
-    one_row_moe_blocks: tuple[tuple[int, int, int], tuple[int, int, int]] = ((16, 128, 2), (8, 128, 4))
+    # (BLOCK_N, BLOCK_K, warps) of moe_one_row's gate/up and down kernels. Down from `bench/moe.py --batches 1
+    # --tune` on an H200: 42.0 us for one row's ~138 MB of experts (the first guess, (4, 128, 4), took 56 us);
+    # 2,048 / 8 = 256 programs, each over all 8 slots at once. Gate/up (6 chosen experts x 1,408 / 4 = 2,112
+    # programs; the shared expert's rows go to add_norm_route) from same-process batch-1 decode on an H200, with
+    # the shared expert in add_norm_route: 572-574 tok/s against 557 with (16, 128, 2) and the shared expert here.
+    one_row_moe_blocks: tuple[tuple[int, int, int], tuple[int, int, int]] = ((4, 512, 2), (8, 128, 4))
+    # (BLOCK_N, BLOCK_K, warps) of the shared expert's SwiGLU inside add_norm_route at one row: 2,816 / 2 = 1,408
+    # programs. Many small programs keep enough loads in flight: (16, 128, 2), 176 programs, lost 40 tok/s.
+    route_shared_blocks: tuple[int, int, int] = (2, 1024, 4)
 
 
 DEFAULT_TUNING = KernelTuning()
@@ -398,16 +414,20 @@ def _shared_pieces(shared, w_gate, w_up, w_down) -> tuple[int, tuple[torch.Tenso
 def _one_row_gate_up_kernel(x_ptr, idx_ptr, w_gate_ptr, w_up_ptr, s_gate_ptr, s_up_ptr, h_ptr,
                             TOP_K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    _wait_for_inputs(PDL)  # the expert ids come from the kernel just before
     slot = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if slot < TOP_K:
+        _wait_for_inputs(PDL)  # the expert ids come from the kernel just before
         expert = tl.load(idx_ptr + slot)  # int64 (topk_idx's dtype): offsets into a large stack cannot overflow
         gate_ptr, up_ptr = w_gate_ptr + expert * I * H, w_up_ptr + expert * I * H
+        first_gate, first_up = _weight_tiles(gate_ptr, up_ptr, rows, 0, H, I, BLOCK_K)
     else:
         gate_ptr, up_ptr = s_gate_ptr + (slot - TOP_K) * I * H, s_up_ptr + (slot - TOP_K) * I * H
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        first_gate, first_up = _weight_tiles(gate_ptr, up_ptr, rows, 0, H, I, BLOCK_K)
+        _wait_for_inputs(PDL)
     dtype = h_ptr.dtype.element_ty
-    h = _swiglu_rows(x_ptr, gate_ptr, up_ptr, rows, H, I, BLOCK_N, BLOCK_K, dtype)
+    h = _swiglu_rows(x_ptr, x_ptr, x_ptr, 1.0, gate_ptr, up_ptr, first_gate, first_up, rows, H, I, BLOCK_K, False,
+                     False, dtype)
     tl.store(h_ptr + slot * I + rows, h.to(dtype), mask=rows < I)
 
 
@@ -482,10 +502,12 @@ def moe_one_row(
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     residual: torch.Tensor | None = None,
     tuning: KernelTuning = DEFAULT_TUNING,
+    swiglu: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`moe_sorted` for one row x [1, H] (the batch-1 decode step), same arguments and the same roundings, in two
     launches: SwiGLU of the chosen experts and the shared expert's pieces side by side, then one down projection
-    over all of them that also weights, sums and adds the residual."""
+    over all of them that also weights, sums and adds the residual. `swiglu`, from `add_norm_route`, already holds
+    the shared expert's SwiGLU: then only the chosen experts' is computed here."""
     T, H = x.shape
     if T != 1:
         raise ValueError(f"moe_one_row takes one row, got {T}")
@@ -495,8 +517,10 @@ def moe_one_row(
     slots = top_k + pieces
     idx = topk_idx.contiguous()
     (bn, bk, warps), (down_bn, down_bk, down_warps) = tuning.one_row_moe_blocks
-    h = torch.empty(slots, I, dtype=x.dtype, device=x.device)
-    _one_row_gate_up_kernel[(slots, triton.cdiv(I, bn))](
+    h = torch.empty(slots, I, dtype=x.dtype, device=x.device) if swiglu is None else swiglu
+    if h.shape != (slots, I):
+        raise ValueError(f"moe_one_row's swiglu must be [{slots}, {I}], got {tuple(h.shape)}")
+    _one_row_gate_up_kernel[(slots if swiglu is None else top_k, triton.cdiv(I, bn))](
         x.contiguous(), idx, w_gate, w_up, s_gate, s_up, h, TOP_K=top_k, H=H, I=I, BLOCK_N=bn,
         BLOCK_K=min(bk, triton.next_power_of_2(H)), **_pdl_args(x.device), num_warps=warps,
     )
@@ -566,48 +590,68 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 @triton.jit
 def _add_norm_route_kernel(
     x_ptr, delta_ptr, norm_weight_ptr, router_ptr, sum_ptr, normed_ptr, logits_ptr, ticket_ptr, idx_ptr, weight_ptr,
-    eps, H: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, RENORM: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+    s_gate_ptr, s_up_ptr, h_ptr, eps, H: tl.constexpr, E: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr,
+    RENORM: tl.constexpr, ROWS: tl.constexpr, ROUTER_PARTS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+    I: tl.constexpr, SHARED_I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     token = tl.program_id(0)
-    part = tl.program_id(1)  # which ROWS of the router's E rows this program scores
-    cols = tl.arange(0, BLOCK_H)
-    ok = cols < H
-    rows = part * ROWS + tl.arange(0, ROWS)
-    gate = tl.load(router_ptr + rows[:, None] * H + cols[None, :], mask=(rows < E)[:, None] & ok[None, :], other=0.0)
-    w = tl.load(norm_weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    _wait_for_inputs(PDL)
-    # Every program recomputes the (cheap, 2*H-element) add and norm so that none waits for another.
-    x = tl.load(x_ptr + token * H + cols, mask=ok, other=0.0) + tl.load(delta_ptr + token * H + cols, mask=ok, other=0.0)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    part = tl.program_id(1)  # below ROUTER_PARTS: which ROWS of the router's E rows this program scores
     dtype = normed_ptr.dtype.element_ty
-    normed = (w * (xf * rstd).to(dtype).to(tl.float32)).to(dtype)
-    if part == 0:
-        tl.store(sum_ptr + token * H + cols, x, mask=ok)
-        tl.store(normed_ptr + token * H + cols, normed, mask=ok)
-    logits = tl.sum(gate.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1).to(dtype)  # a linear layer's rounding
-    tl.store(logits_ptr + token * E + rows, logits.to(tl.float32), mask=rows < E)
-    # The last program to finish (whichever it is) routes the token: softmax and top-k over all E logits, done
-    # once here rather than by every program of the expert kernels. It resets the ticket for the next launch.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr + token, 1, sem="acq_rel")
-    if ticket == tl.num_programs(1) - 1:
-        experts = tl.arange(0, BLOCK_E)
-        all_logits = tl.load(logits_ptr + token * E + experts, mask=experts < E, other=float("-inf"),
-                             cache_modifier=".cg")
-        _softmax_top_k(all_logits, experts, idx_ptr + token * TOP_K, weight_ptr + token * TOP_K, TOP_K, TOP_K_P2,
-                       RENORM)
-        tl.atomic_xchg(ticket_ptr + token, 0)
+    # (The two branches use names of their own: Triton merges the ones both assign.)
+    if part < ROUTER_PARTS:
+        cols = tl.arange(0, BLOCK_H)
+        ok = cols < H
+        rows = part * ROWS + tl.arange(0, ROWS)
+        gate = tl.load(router_ptr + rows[:, None] * H + cols[None, :], mask=(rows < E)[:, None] & ok[None, :],
+                       other=0.0)
+        w = tl.load(norm_weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        _wait_for_inputs(PDL)
+        # Every program recomputes the (cheap, 2*H-element) add and norm so that none waits for another.
+        x = tl.load(x_ptr + token * H + cols, mask=ok, other=0.0) + tl.load(delta_ptr + token * H + cols, mask=ok,
+                                                                            other=0.0)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+        normed = (w * (xf * rstd).to(dtype).to(tl.float32)).to(dtype)
+        if part == 0:
+            tl.store(sum_ptr + token * H + cols, x, mask=ok)
+            tl.store(normed_ptr + token * H + cols, normed, mask=ok)
+        logits = tl.sum(gate.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1).to(dtype)  # a linear's rounding
+        tl.store(logits_ptr + token * E + rows, logits.to(tl.float32), mask=rows < E)
+        # The last router program to finish (whichever it is) routes the token: softmax and top-k over all E
+        # logits, done once here rather than by every program of the expert kernels. It resets the ticket.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + token, 1, sem="acq_rel")
+        if ticket == ROUTER_PARTS - 1:
+            experts = tl.arange(0, BLOCK_E)
+            all_logits = tl.load(logits_ptr + token * E + experts, mask=experts < E, other=float("-inf"),
+                                 cache_modifier=".cg")
+            _softmax_top_k(all_logits, experts, idx_ptr + token * TOP_K, weight_ptr + token * TOP_K, TOP_K, TOP_K_P2,
+                           RENORM)
+            tl.atomic_xchg(ticket_ptr + token, 0)
+    else:
+        # The shared expert's SwiGLU (one row), BLOCK_N of its SHARED_I rows per program, into slots TOP_K.. of
+        # moe_one_row's inputs: its weights stream while the routing above is worked out.
+        shared_rows = (part - ROUTER_PARTS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        first_gate, first_up = _weight_tiles(s_gate_ptr, s_up_ptr, shared_rows, 0, H, SHARED_I, BLOCK_K)
+        _wait_for_inputs(PDL)
+        shared_rstd = _row_rstd(x_ptr, delta_ptr, eps, H, BLOCK_H, True)
+        h = _swiglu_rows(x_ptr, delta_ptr, norm_weight_ptr, shared_rstd, s_gate_ptr, s_up_ptr, first_gate, first_up,
+                         shared_rows, H, SHARED_I, BLOCK_K, True, True, dtype)
+        tl.store(h_ptr + TOP_K * I + shared_rows, h.to(dtype), mask=shared_rows < SHARED_I)
 
 
 def add_norm_route(
     x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, router_weight: torch.Tensor,
-    top_k: int, renormalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, delta [T, H] -> (x + delta, RMSNorm(x + delta), topk_idx [T, k], topk_weight [T, k]) in one kernel: the
-    residual add after attention, the MoE's input norm, its gate (logits rounded to x's dtype, as a linear layer's
-    would be) and the routing (float32 softmax, top-k, optionally renormalised)."""
+    top_k: int, renormalize: bool, shared_gate_up: tuple[torch.Tensor, torch.Tensor] | None = None,
+    expert_width: int = 0, tuning: KernelTuning = DEFAULT_TUNING,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x, delta [T, H] -> (x + delta, RMSNorm(x + delta), topk_idx [T, k], topk_weight [T, k], swiglu) in one
+    kernel: the residual add after attention, the MoE's input norm, its gate (logits rounded to x's dtype, as a
+    linear layer's would be) and the routing (float32 softmax, top-k, optionally renormalised).
+
+    With `shared_gate_up` (the shared expert's gate and up weights [P * expert_width, H]) and one row, the same
+    launch also computes the shared expert's SwiGLU: `swiglu` is then `moe_one_row`'s [k + P, expert_width] input
+    buffer with rows k.. filled (it is None otherwise). That keeps memory busy while the routing is worked out."""
     T, H = x.shape
     E = router_weight.shape[0]
     total, normed = torch.empty_like(x), torch.empty_like(x)
@@ -616,28 +660,54 @@ def add_norm_route(
     weight = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     tickets = _tickets(x)
     rows = ROUTER_ROWS
-    _add_norm_route_kernel[(T, triton.cdiv(E, rows))](
+    router_parts = triton.cdiv(E, rows)
+    bn, bk, warps = tuning.route_shared_blocks
+    swiglu, shared_parts = None, 0
+    s_gate, s_up = shared_gate_up if shared_gate_up is not None else (router_weight, router_weight)
+    if shared_gate_up is not None:
+        if T != 1:
+            raise ValueError(f"add_norm_route computes the shared expert for one row, got {T}")
+        shared_width = s_gate.shape[0]
+        swiglu = torch.empty(top_k * expert_width + shared_width, dtype=x.dtype, device=x.device)
+        swiglu = swiglu.view(-1, expert_width)
+        shared_parts = triton.cdiv(shared_width, bn)
+    else:
+        shared_width, warps = 0, 1  # one warp: the routing's reductions stay in registers
+    _add_norm_route_kernel[(T, router_parts + shared_parts)](
         x.contiguous(), delta.contiguous(), norm_weight, router_weight, total, normed, logits, tickets, idx, weight,
-        eps, H=H, E=E, TOP_K=top_k, TOP_K_P2=triton.next_power_of_2(top_k), RENORM=renormalize, ROWS=rows,
-        BLOCK_H=triton.next_power_of_2(H), BLOCK_E=triton.next_power_of_2(E), **_pdl_args(x.device),
-        num_warps=1,  # one warp: the routing's reductions stay in registers
+        s_gate, s_up, swiglu if swiglu is not None else total, eps, H=H, E=E, TOP_K=top_k,
+        TOP_K_P2=triton.next_power_of_2(top_k), RENORM=renormalize, ROWS=rows, ROUTER_PARTS=router_parts,
+        BLOCK_H=triton.next_power_of_2(H), BLOCK_E=triton.next_power_of_2(E), I=max(expert_width, 1),
+        SHARED_I=max(shared_width, 1), BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(H)), **_pdl_args(x.device),
+        num_warps=warps,
     )
-    return total, normed, idx, weight
+    return total, normed, idx, weight, swiglu
 
 
 ROUTER_ROWS = 2  # gate rows per program of add_norm_route
 
 
 @triton.jit
-def _gemv_input(x_row, norm_weight_ptr, rstd, cols, K: tl.constexpr, NORM: tl.constexpr, dtype: tl.constexpr):
-    """Columns `cols` of the GEMV's input row in float32, normalised (RMSNorm with rstd, rounded as the release
-    rounds it) when NORM."""
+def _gemv_input(x_row, delta_row, norm_weight_ptr, rstd, cols, K: tl.constexpr, HAS_DELTA: tl.constexpr,
+                NORM: tl.constexpr, dtype: tl.constexpr):
+    """Columns `cols` of the GEMV's input row in float32: x (plus delta when HAS_DELTA, rounded as the residual add
+    is), normalised (RMSNorm with rstd, rounded as the release rounds it) when NORM."""
     ok = cols < K
-    x = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_row + cols, mask=ok, other=0.0)
+    if HAS_DELTA:
+        x = x + tl.load(delta_row + cols, mask=ok, other=0.0)
+    x = x.to(tl.float32)
     if NORM:
         scale = tl.load(norm_weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         x = (scale * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     return x
+
+
+@triton.jit
+def _row_rstd(x_row, delta_row, eps, K: tl.constexpr, BLOCK_ROW: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """RMSNorm's 1 / rms of the row x (plus delta when HAS_DELTA), in float32."""
+    x = _gemv_input(x_row, delta_row, x_row, 1.0, tl.arange(0, BLOCK_ROW), K, HAS_DELTA, False, tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
 
 
 @triton.jit
@@ -657,14 +727,12 @@ def _gemv_kernel(
     _wait_for_inputs(PDL)  # the first weight tile is on its way meanwhile
     rstd = 1.0
     if NORM:  # each program normalises the (short) input row itself rather than waiting on a norm kernel
-        full = tl.arange(0, BLOCK_ROW)
-        xf = tl.load(x_row + full, mask=full < K, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
-    acc = w.to(tl.float32) * _gemv_input(x_row, norm_weight_ptr, rstd, cols, K, NORM, dtype)[None, :]
+        rstd = _row_rstd(x_row, x_row, eps, K, BLOCK_ROW, False)
+    acc = w.to(tl.float32) * _gemv_input(x_row, x_row, norm_weight_ptr, rstd, cols, K, False, NORM, dtype)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * _gemv_input(x_row, norm_weight_ptr, rstd, cols, K, NORM, dtype)[None, :]
+        acc += w.to(tl.float32) * _gemv_input(x_row, x_row, norm_weight_ptr, rstd, cols, K, False, NORM, dtype)[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)

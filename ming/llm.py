@@ -217,10 +217,11 @@ class SparseMoeBlock(nn.Module, TunedKernels):
         router_rows: RouterRows | None,
         residual: torch.Tensor | None = None,
         routing: tuple[torch.Tensor, torch.Tensor] | None = None,
+        swiglu: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The MoE output for x [B, L, H], plus `residual` when given (fused into the last kernel on the GPU).
         `routing` (topk_idx, topk_weight) [B*L, k], when the caller already has it (the fused decode norm), skips
-        the gate."""
+        the gate; so does `swiglu` the shared expert's SwiGLU at one row (see `kernels.add_norm_route`)."""
         B, L, H = x.shape
         flat = x.reshape(-1, H)
         if routing is None:
@@ -231,11 +232,13 @@ class SparseMoeBlock(nn.Module, TunedKernels):
             # (one row needs no sort: two launches instead of four).
             e, shared = self.experts, self.shared_experts
             shared_weights = None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
-            moe = kernels.moe_one_row if flat.shape[0] == 1 else kernels.moe_sorted
-            y = moe(
-                flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared_weights,
-                None if residual is None else residual.reshape(-1, H), self.kernel_tuning,
-            )
+            flat_residual = None if residual is None else residual.reshape(-1, H)
+            if flat.shape[0] == 1:
+                y = kernels.moe_one_row(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj,
+                                        shared_weights, flat_residual, self.kernel_tuning, swiglu)
+            else:
+                y = kernels.moe_sorted(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj,
+                                       shared_weights, flat_residual, self.kernel_tuning)
             return y.view(B, L, H)
         y = self.experts(flat, topk_idx, topk_weight).view(B, L, H)
         if self.shared_experts is not None:
@@ -262,13 +265,17 @@ class DecoderLayer(nn.Module):
             return self.mlp(h, residual=x)
         if few_tokens(x) and router_rows is None:
             # Decode: the residual add, the norm, the (text) gate and the routing in one kernel.
+            # At one row the shared expert's SwiGLU joins that kernel too: its weights stream during the routing.
             B, L, H = x.shape
             moe = self.mlp
-            x, h, *routing = kernels.add_norm_route(
+            shared = moe.shared_experts if B * L == 1 else None
+            x, h, *routing, swiglu = kernels.add_norm_route(
                 x.reshape(-1, H), attention.reshape(-1, H), norm.weight, norm.eps, moe.gate.weight, moe.top_k,
                 moe.top_k > 1 and moe.norm_topk_prob,
+                None if shared is None else (shared.gate_proj.weight, shared.up_proj.weight),
+                moe.experts.gate_proj.shape[1], moe.kernel_tuning,
             )
-            return moe(h.view(B, L, H), router_rows, residual=x.view(B, L, H), routing=tuple(routing))
+            return moe(h.view(B, L, H), router_rows, residual=x.view(B, L, H), routing=tuple(routing), swiglu=swiglu)
         x, h = norm.add_and_norm(x, attention)
         return self.mlp(h, router_rows, residual=x)
 

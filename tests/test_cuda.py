@@ -169,13 +169,26 @@ def test_fused_add_norm_route_matches_torch():
     norm = RMSNorm(2048, 1e-6).to("cuda", torch.bfloat16)
     norm.weight.data.uniform_(0.5, 1.5)
     router = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16) / 45
-    total, normed, idx, weight = kernels.add_norm_route(x, delta, norm.weight, 1e-6, router, 6, True)
+    total, normed, idx, weight, swiglu = kernels.add_norm_route(x, delta, norm.weight, 1e-6, router, 6, True)
+    assert swiglu is None
     want_total, want_normed = norm.add_and_norm(x, delta)
     assert torch.equal(total, want_total)
     torch.testing.assert_close(normed, want_normed, rtol=1e-2, atol=1e-2)
     want_weight, want_idx = torch.nn.functional.linear(want_normed, router).float().softmax(-1).topk(6)
     assert torch.equal(idx, want_idx)
     torch.testing.assert_close(weight, want_weight / want_weight.sum(-1, keepdim=True), rtol=1e-2, atol=1e-3)
+    assert not kernels._tickets(x).any()
+    # One row with the shared expert (width 2 x 1408): its SwiGLU, in rows 6.. of moe_one_row's input, as the
+    # one-row MoE kernel computes it from the normed row.
+    s_gate, s_up = torch.randn(2, 2816, 2048, device="cuda", dtype=torch.bfloat16) / 45
+    one = x[:1], delta[:1]
+    total, normed, idx, weight, swiglu = kernels.add_norm_route(*one, norm.weight, 1e-6, router, 6, True,
+                                                                (s_gate, s_up), 1408)
+    assert torch.equal(total, want_total[:1])
+    torch.testing.assert_close(normed, want_normed[:1], rtol=1e-2, atol=1e-2)
+    assert torch.equal(idx, want_idx[:1]) and swiglu.shape == (8, 1408)
+    gate, up = (torch.nn.functional.linear(normed, w) for w in (s_gate, s_up))
+    torch.testing.assert_close(swiglu[6:].reshape(1, -1), torch.nn.functional.silu(gate) * up, rtol=2e-2, atol=2e-2)
     assert not kernels._tickets(x).any()
 
 

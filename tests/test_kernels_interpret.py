@@ -49,9 +49,13 @@ def test_one_row_moe_matches_the_loop_and_moe_sorted(pieces):
                                        rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_rotates_writes_the_cache_and_attends():
+@pytest.mark.parametrize("chunk", [64, 16])
+def test_decode_attention_rotates_writes_the_cache_and_attends(chunk):
     """decode_attention (RoPE, the new key and value written at each row's slot, flash decoding over the row's
-    keys) against rotating, writing and attending in PyTorch: rows at different slots, a hole in one row."""
+    keys) against rotating, writing and attending in PyTorch: rows at different slots, a hole in one row; chunks
+    of 16 give each split several chunks."""
+    import dataclasses
+
     from ming.layers import apply_rope, rope_cos_sin
 
     B, heads, kv_heads, D, S = 2, 8, 2, 32, 256
@@ -66,7 +70,8 @@ def test_decode_attention_rotates_writes_the_cache_and_attends():
     rows = torch.arange(B)
     want_k[rows, :, slots] = apply_rope(qkv[:, :, heads:heads + kv_heads].transpose(1, 2), cos, sin)[:, :, 0]
     want_v[rows, :, slots] = qkv[:, 0, heads + kv_heads:]
-    got = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, valid, slots, heads)
+    tuning = dataclasses.replace(kernels.DEFAULT_TUNING, decode_attention_chunk=chunk)
+    got = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, valid, slots, heads, tuning)
     torch.testing.assert_close(k_cache, want_k)
     torch.testing.assert_close(v_cache, want_v)
     q = apply_rope(qkv[:, :, :heads].transpose(1, 2), cos, sin)  # [B, heads, 1, D]
@@ -96,3 +101,42 @@ def test_argmax_rows_takes_the_first_of_equal_maxima():
     logits[2] = float("-inf")
     logits[2, 9999] = 0.0  # the last column, in the last (partial) block
     assert kernels.argmax_rows(logits).tolist() == [int(logits[0].argmax()), 77, 9999]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_add_norm_route_with_the_shared_expert_at_one_row(rows):
+    """add_norm_route (residual add, RMSNorm, gate, softmax/top-k) against PyTorch; at one row also with the shared
+    expert's SwiGLU computed in the same launch, which moe_one_row then takes instead of computing it itself."""
+    E, I, H, top_k, pieces = 16, 48, 96, 4, 2
+    gen = torch.Generator().manual_seed(rows)
+    x, delta = torch.randn(2, rows, H, generator=gen)
+    norm_weight = torch.rand(H, generator=gen) + 0.5
+    router = torch.randn(E, H, generator=gen) / H**0.5
+    w_gate, w_up = torch.randn(2, E, I, H, generator=gen) / H**0.5
+    w_down = torch.randn(E, H, I, generator=gen) / I**0.5
+    shared = tuple(torch.randn(shape, generator=gen) / shape[1] ** 0.5
+                   for shape in ((pieces * I, H), (pieces * I, H), (H, pieces * I)))
+    total = x + delta
+    normed = norm_weight * total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-6)
+    want_weight, want_idx = (normed @ router.T).softmax(-1).topk(top_k)
+    want_weight = want_weight / want_weight.sum(-1, keepdim=True)
+    for shared_gate_up in (None, shared[:2]) if rows == 1 else (None,):
+        got_total, got_normed, idx, weight, swiglu = kernels.add_norm_route(
+            x, delta, norm_weight, 1e-6, router, top_k, True, shared_gate_up, I)
+        torch.testing.assert_close(got_total, total)
+        torch.testing.assert_close(got_normed, normed, rtol=1e-5, atol=1e-5)
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(weight, want_weight)
+        assert not kernels._tickets(x).any()
+        if shared_gate_up is None:
+            assert swiglu is None
+            continue
+        assert swiglu.shape == (top_k + pieces, I)
+        want_shared = F.silu(normed @ shared[0].T) * (normed @ shared[1].T)
+        torch.testing.assert_close(swiglu[top_k:].reshape(1, -1), want_shared, rtol=1e-5, atol=1e-5)
+        got = kernels.moe_one_row(got_normed, idx, weight, w_gate, w_up, w_down, shared, got_total, swiglu=swiglu)
+        torch.testing.assert_close(got, kernels.moe_one_row(got_normed, idx, weight, w_gate, w_up, w_down, shared,
+                                                            got_total), rtol=1e-5, atol=1e-5)
+    if rows > 1:
+        with pytest.raises(ValueError, match="one row"):
+            kernels.add_norm_route(x, delta, norm_weight, 1e-6, router, top_k, True, shared[:2], I)
