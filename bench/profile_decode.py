@@ -1,11 +1,15 @@
 """Where a batch-1 decode step of the full-size model spends its GPU time, and which kernel blocks are fastest.
 
     python -m bench.profile_decode
+    python -m bench.profile_decode --chains   # only the chains of 3. below
 
 1. Tunes the decode kernels on full-size shapes, each replayed from a CUDA graph (so launch cost is out): the
    Triton GEMV against cuBLAS for the attention and head projections, the attention's chunk (the MoE kernels:
    `python -m bench.moe --tune`).
 2. Decode tokens/s of the CUDA-graph step, then a per-kernel profile of eager steps.
+3. Pieces of the step chained over 28 full-size layers (random weights, each layer its own, so L2 never holds
+   them), each chain replayed from a CUDA graph: with overlapped launches a kernel's time alone says little, the
+   time of a chain what it costs in the step.
 """
 
 from __future__ import annotations
@@ -104,11 +108,75 @@ def profile_eager_steps(model: MingOmni, steps: int = 10) -> None:
         print(f"{e.self_device_time_total / steps / 1000:8.3f} ms {e.count // steps:5d}x  {e.key[:110]}")
 
 
+def time_layer_chains(context: int = 1100) -> None:
+    """Batch-1 step pieces over 28 layers, in us per step and per layer (see the module docstring, 3.)."""
+    layers_n, hidden, experts, width, top_k = 28, 2048, 64, 1408, 6
+
+    def weight(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) / shape[-1] ** 0.5
+
+    def layer() -> dict:
+        return dict(qkv=weight(3072, hidden), dense=weight(hidden, hidden),
+                    norm=torch.ones(hidden, device="cuda", dtype=torch.bfloat16), router=weight(experts, hidden),
+                    gate=weight(experts, width, hidden), up=weight(experts, width, hidden),
+                    down=weight(experts, hidden, width),
+                    shared=(weight(2 * width, hidden), weight(2 * width, hidden), weight(hidden, 2 * width)),
+                    cache=(weight(1, 4, 4096, 128), weight(1, 4, 4096, 128)))
+
+    layers = [layer() for _ in range(layers_n)]
+    head = weight(126464, hidden)
+    x0 = weight(1, hidden)
+    newest = torch.tensor([context], device="cuda")
+    valid = (torch.arange(4096, device="cuda") <= context)[None]
+    cos, sin = rope_cos_sin(newest[:, None], 128, 600000.0)
+    chosen = torch.tensor([[3, 17, 22, 40, 51, 63]], device="cuda")
+    chosen_weight = torch.full((1, top_k), 1 / top_k, device="cuda")
+
+    def attention_half(p, x, attend=True):
+        qkv = kernels.gemv(x, p["qkv"], (p["norm"], 1e-6))
+        if not attend:  # the projections alone: the attention's output replaced by the query
+            return kernels.gemv(qkv[:, :hidden], p["dense"])
+        out = kernels.decode_attention(qkv.view(1, 1, 24, 128), cos, sin, *p["cache"], valid, newest, 16)
+        return kernels.gemv(out.view(1, hidden), p["dense"])
+
+    def route(p, x, delta, shared=False):
+        return kernels.add_norm_route(x, delta, p["norm"], 1e-6, p["router"], top_k, True,
+                                      p["shared"][:2] if shared else None, width)
+
+    def chain(piece):
+        def step():
+            x = x0
+            for p in layers:
+                if piece == "MoE alone":
+                    x = kernels.moe_one_row(x, chosen, chosen_weight, p["gate"], p["up"], p["down"], p["shared"], x)
+                    continue
+                delta = attention_half(p, x, attend=piece != "QKV, output projection, routing")
+                if piece == "QKV, attention, output projection":
+                    x = delta
+                    continue
+                x, h, idx, w, swiglu = route(p, x, delta, shared=piece == "whole step")
+                if piece == "whole step":
+                    x = kernels.moe_one_row(h, idx, w, p["gate"], p["up"], p["down"], p["shared"], x, swiglu=swiglu)
+            if piece == "whole step":
+                kernels.gemv(x, head, (layers[0]["norm"], 1e-6), out_dtype=torch.float32)
+        return step
+
+    print(f"batch-1 step pieces, 28 full-size layers, {context:,}-token context ({torch.cuda.get_device_name()}):")
+    for piece in ("whole step", "QKV, attention, output projection", "QKV, attention, output projection, routing",
+                  "QKV, output projection, routing", "MoE alone"):
+        us = bench_us(chain(piece))
+        print(f"{us:8.1f} us a step {us / layers_n:6.1f} us a layer  {piece}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--try", dest="variants", action="append", default=[], metavar="JSON",
                         help='kernel settings to time end to end besides the defaults, e.g. {"sorted_moe_blocks": [16, 64, 64, 4, 4]}')
+    parser.add_argument("--chains", action="store_true", help="only time the chains of step pieces")
     args = parser.parse_args()
+    if args.chains:
+        time_layer_chains()
+        return
     tune_gemv()
     tune_attention()
     model = MingOmni.from_config(RELEASE_CONFIG, device="cuda", dtype=torch.bfloat16)
