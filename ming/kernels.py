@@ -850,7 +850,6 @@ def _decode_attention_partial(
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     S: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
-    _wait_for_inputs(PDL)
     bh = tl.program_id(0)  # b * KV_HEADS + kv head
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -860,7 +859,7 @@ def _decode_attention_partial(
     real = g < GROUP
     # The row's keys end at its new token's slot: only those chunks are read, shared out evenly over the splits, so
     # the work follows the row's length, not the cache's capacity.
-    newest = tl.load(slot_ptr + b).to(tl.int32)
+    newest = tl.load(slot_ptr + b, cache_modifier=".cg").to(tl.int32)
     chunks = (newest + CHUNK) // CHUNK
     per_split = (chunks + splits - 1) // splits
     first = split * per_split
@@ -868,8 +867,11 @@ def _decode_attention_partial(
     # RoPE here rather than in a kernel of its own (one fewer link in the chain of small kernels between a layer's
     # weight reads): every program rotates its query heads; the one that reads the newest slot rotates the new key
     # and writes it and the new value to the cache first.
-    cos = tl.load(cos_ptr + b * D + d)
-    signed_sin = tl.where(d < D // 2, -1.0, 1.0) * tl.load(sin_ptr + b * D + d)
+    cos = tl.load(cos_ptr + b * D + d, cache_modifier=".cg")
+    signed_sin = tl.where(d < D // 2, -1.0, 1.0) * tl.load(sin_ptr + b * D + d, cache_modifier=".cg")
+    # The slots and RoPE's tables come from before the step's first layer, two or more launches back, so they were
+    # read before the wait (see _wait_for_inputs; ".cg": from L2, where their writers' results are).
+    _wait_for_inputs(PDL)
     token_heads = qkv_ptr + b * (Q_HEADS + 2 * KV_HEADS) * D
     q = _rotated(token_heads + (kv_head * GROUP + g)[:, None] * D, d[None, :], cos[None, :], signed_sin[None, :], D,
                  real[:, None])
@@ -904,36 +906,35 @@ def _decode_attention_partial(
 
 @triton.jit
 def _decode_attention_combine(
-    acc_ptr, max_ptr, sum_ptr, out_ptr,
+    acc_ptr, max_ptr, sum_ptr, slot_ptr, out_ptr,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr,
-    D_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, CHUNK_BLOCK: tl.constexpr, PDL: tl.constexpr,
+    D_BLOCK: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr,
 ):
-    _wait_for_inputs(PDL)
     bh = tl.program_id(0)
-    d = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
-    g = tl.arange(0, GROUP_P2)  # the KV head's query heads (GROUP of them), padded to a power of two
-    real = g < GROUP
-    base = bh * NUM_CHUNKS * GROUP
-    # Pass 1: each query head's largest score over all chunks (empty chunks hold -inf).
-    m_all = tl.full([GROUP_P2], float("-inf"), tl.float32)
-    for c0 in range(0, NUM_CHUNKS, CHUNK_BLOCK):
-        c = c0 + tl.arange(0, CHUNK_BLOCK)
-        stats = base + c[:, None] * GROUP + g[None, :]
-        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None] & real[None, :], other=float("-inf"))
-        m_all = tl.maximum(m_all, tl.max(m, axis=0))
-    # Pass 2: the chunks' partial sums, rescaled to that maximum, a block of chunks at a time.
-    total = tl.zeros([GROUP_P2], tl.float32)
-    out = tl.zeros([GROUP_P2, D_BLOCK], tl.float32)
-    for c0 in range(0, NUM_CHUNKS, CHUNK_BLOCK):
-        c = c0 + tl.arange(0, CHUNK_BLOCK)
-        stats = base + c[:, None] * GROUP + g[None, :]
-        m = tl.load(max_ptr + stats, mask=(c < NUM_CHUNKS)[:, None] & real[None, :], other=float("-inf"))
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all[None, :]))  # [CHUNK_BLOCK, GROUP_P2]
-        total += tl.sum(w * tl.load(sum_ptr + stats, mask=w > 0, other=0.0), axis=0)
-        acc = tl.load(acc_ptr + stats[:, :, None] * D + d[None, None, :], mask=(w > 0)[:, :, None], other=0.0)
-        out += tl.sum(w[:, :, None] * acc, axis=0)
-    out = out / tl.where(real, total, 1.0)[:, None]
     b, kv_head = bh // KV_HEADS, bh % KV_HEADS
+    # The splits that read keys (as the partial kernel shares the row's chunks out), from the slot (two launches
+    # back, as there).
+    newest = tl.load(slot_ptr + b, cache_modifier=".cg").to(tl.int32)
+    chunks = (newest + CHUNK) // CHUNK
+    per_split = (chunks + SPLITS - 1) // SPLITS
+    used = (chunks + per_split - 1) // per_split
+    _wait_for_inputs(PDL)
+    # All the statistics in one load each, none waiting on another's value: a single round trip to L2 (two passes
+    # over blocks of splits, each load masked by the last, took ~2.5 us more a layer at batch 1).
+    d = tl.program_id(1) * D_BLOCK + tl.arange(0, D_BLOCK)
+    g = tl.arange(0, GROUP_P2)
+    real = g < GROUP
+    split = tl.arange(0, SPLITS_P2)
+    stats = bh * SPLITS * GROUP + split[:, None] * GROUP + g[None, :]
+    ok = (split < used)[:, None] & real[None, :]
+    m = tl.load(max_ptr + stats, mask=ok, other=float("-inf"))
+    sums = tl.load(sum_ptr + stats, mask=ok, other=0.0)
+    acc = tl.load(acc_ptr + stats[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
+    m_all = tl.max(m, axis=0)  # each query head's largest score over all splits
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all[None, :]))  # [SPLITS_P2, GROUP_P2]
+    total = tl.sum(w * sums, axis=0)
+    out = tl.sum(w[:, :, None] * tl.where((w > 0)[:, :, None], acc, 0.0), axis=0)  # a split with no valid key adds 0
+    out = out / tl.where(real, total, 1.0)[:, None]
     rows = b * Q_HEADS + kv_head * GROUP + g
     tl.store(out_ptr + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real[:, None])
 
@@ -949,7 +950,8 @@ def decode_attention(
     [B, 1, D] float32; caches [B, kv_heads, S, D], where the new key (rotated) and value are written at `slots`;
     key_valid [B, S] bool, the new slots included; slots [B] each row's new token's slot: the row's valid keys all
     lie at or before it (causal in slot order), so only its first slots + 1 keys are read and a large cache costs
-    nothing. Returns [B, num_heads, D]."""
+    nothing. slots and cos/sin must not come from the kernel launched just before (both kernels read them before
+    they wait for that kernel's outputs). Returns [B, num_heads, D]."""
     B, D = qkv.shape[0], qkv.shape[-1]
     kv_heads, S = k_cache.shape[1], k_cache.shape[2]
     chunk = min(tuning.decode_attention_chunk, S)
@@ -967,11 +969,11 @@ def decode_attention(
         **_pdl_args(qkv.device), num_warps=4,
     )
     out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
-    d_block = min(D, 32)
+    splits_p2, group_p2 = triton.next_power_of_2(splits), triton.next_power_of_2(group)
+    d_block = max(1, min(D, 32, 8192 // (splits_p2 * group_p2)))  # at most 8K statistics in flight per program
     _decode_attention_combine[(B * kv_heads, D // d_block)](
-        acc, maxima, sums, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group,
-        GROUP_P2=triton.next_power_of_2(group), D=D, D_BLOCK=d_block,
-        NUM_CHUNKS=splits, CHUNK_BLOCK=min(32, triton.next_power_of_2(splits)), **_pdl_args(qkv.device), num_warps=4,
+        acc, maxima, sums, slots, out, Q_HEADS=num_heads, KV_HEADS=kv_heads, GROUP=group, GROUP_P2=group_p2, D=D,
+        D_BLOCK=d_block, CHUNK=chunk, SPLITS=splits, SPLITS_P2=splits_p2, **_pdl_args(qkv.device), num_warps=4,
     )
     return out
 
