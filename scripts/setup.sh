@@ -49,3 +49,14 @@ if [[ ! -f "$stamp" ]]; then
   touch "$stamp"
   say "Packages installed."
 fi
+
+# Triton, for running the GPU kernels' tests in its CPU interpreter (tests/test_kernels_interpret.py), kept in a
+# folder of its own, off the venv's import path: the suite and the demo run as on any machine without Triton.
+triton_pin="triton==3.9.0"
+triton_dir=".venv/triton-interpreter"
+if (( dev )) && [[ ! -f "$triton_dir/.installed-$triton_pin" ]]; then
+  say "Installing $triton_pin into $triton_dir, for the kernel tests in Triton's interpreter..."
+  rm -rf "$triton_dir"
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --target "$triton_dir" "$triton_pin"
+  touch "$triton_dir/.installed-$triton_pin"
+fi

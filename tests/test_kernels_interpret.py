@@ -1,6 +1,8 @@
 """The decode kernels of ming/kernels.py on the CPU, through Triton's interpreter, in float32 (its bf16 is broken):
 
-    TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_interpret.py
+    TRITON_INTERPRET=1 PYTHONPATH=.venv/triton-interpreter python -m pytest -q tests/test_kernels_interpret.py
+
+(scripts/test.sh runs it so, after the rest of the suite; scripts/setup.sh --dev puts Triton in that folder.)
 
 Skipped unless TRITON_INTERPRET=1 and triton imports. Small shapes keep it under a minute; tests/test_cuda.py runs
 the same kernels in bf16 on a GPU at the model's shapes."""
