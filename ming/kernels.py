@@ -845,6 +845,17 @@ def _rotated(rows, d, cos, signed_sin, D: tl.constexpr, mask):
 
 
 @triton.jit
+def _row_chunks(slot_ptr, b, splits, CHUNK: tl.constexpr):
+    """Row b's newest slot, its number of key chunks and the chunks per split. The row's keys end at its new token's
+    slot: only those chunks are read, shared out evenly over the splits, so the work follows the row's length, not
+    the cache's capacity. (The slot is written before the step's first layer, two or more launches back, so both
+    attention kernels read it before their wait; ".cg": from L2, where its writer's result is.)"""
+    newest = tl.load(slot_ptr + b, cache_modifier=".cg").to(tl.int32)
+    chunks = (newest + CHUNK) // CHUNK
+    return newest, chunks, (chunks + splits - 1) // splits
+
+
+@triton.jit
 def _decode_attention_partial(
     qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, acc_ptr, max_ptr, sum_ptr, scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
@@ -857,11 +868,7 @@ def _decode_attention_partial(
     g = tl.arange(0, GROUP_PAD)  # the KV head's query heads, padded to a tensor-core tile
     d = tl.arange(0, D)
     real = g < GROUP
-    # The row's keys end at its new token's slot: only those chunks are read, shared out evenly over the splits, so
-    # the work follows the row's length, not the cache's capacity.
-    newest = tl.load(slot_ptr + b, cache_modifier=".cg").to(tl.int32)
-    chunks = (newest + CHUNK) // CHUNK
-    per_split = (chunks + splits - 1) // splits
+    newest, chunks, per_split = _row_chunks(slot_ptr, b, splits, CHUNK)
     first = split * per_split
     last = tl.minimum(first + per_split, chunks)
     # RoPE here rather than in a kernel of its own (one fewer link in the chain of small kernels between a layer's
@@ -869,8 +876,7 @@ def _decode_attention_partial(
     # and writes it and the new value to the cache first.
     cos = tl.load(cos_ptr + b * D + d, cache_modifier=".cg")
     signed_sin = tl.where(d < D // 2, -1.0, 1.0) * tl.load(sin_ptr + b * D + d, cache_modifier=".cg")
-    # The slots and RoPE's tables come from before the step's first layer, two or more launches back, so they were
-    # read before the wait (see _wait_for_inputs; ".cg": from L2, where their writers' results are).
+    # RoPE's tables, like the slot, come from before the step's first layer: read before the wait too.
     _wait_for_inputs(PDL)
     token_heads = qkv_ptr + b * (Q_HEADS + 2 * KV_HEADS) * D
     q = _rotated(token_heads + (kv_head * GROUP + g)[:, None] * D, d[None, :], cos[None, :], signed_sin[None, :], D,
@@ -912,12 +918,8 @@ def _decode_attention_combine(
 ):
     bh = tl.program_id(0)
     b, kv_head = bh // KV_HEADS, bh % KV_HEADS
-    # The splits that read keys (as the partial kernel shares the row's chunks out), from the slot (two launches
-    # back, as there).
-    newest = tl.load(slot_ptr + b, cache_modifier=".cg").to(tl.int32)
-    chunks = (newest + CHUNK) // CHUNK
-    per_split = (chunks + SPLITS - 1) // SPLITS
-    used = (chunks + per_split - 1) // per_split
+    _, chunks, per_split = _row_chunks(slot_ptr, b, SPLITS, CHUNK)
+    used = (chunks + per_split - 1) // per_split  # the splits that read keys
     _wait_for_inputs(PDL)
     # All the statistics in one load each, none waiting on another's value: a single round trip to L2 (two passes
     # over blocks of splits, each load masked by the last, took ~2.5 us more a layer at batch 1).

@@ -7,10 +7,11 @@ Each admitted request gets a row. Every turn of the loop:
      the freed one (its used slots, valid flags, position and slot), so occupied rows stay packed at the bottom;
   2. waiting requests are admitted into free rows (the rest wait, and are told how many requests are ahead);
   3. the decode step launched last turn is read: each of its requests chooses its next token;
-  4. one request's prompt is embedded (media included) and prefilled into its row, one chunk of at most
-     `prefill_chunk` tokens per turn, so that running streams never stall long for someone else's prompt;
-  5. the next decode step is launched: it feeds every decoding row its next token (the request prefilled in 4
-     included), each row at its own cache slot and position, captured for the smallest batch bucket (1, 2, 4, ...
+  4. waiting prompts are embedded (media included) and prefilled into their rows, at most `prefill_chunk` tokens
+     per turn (several short prompts, or one chunk of a long one), so that running streams never stall long for
+     someone else's prompt;
+  5. the next decode step is launched: it feeds every decoding row its next token (requests whose prefill ended
+     in 4 included), each row at its own cache slot and position, captured for the smallest batch bucket (1, 2, 4, ...
      rows) covering the occupied rows;
   6. the tokens chosen in 3 go to their streams while that step runs, so the GPU never waits for the streams'
      Python (waking a visitor's thread, taking the GIL) between steps.
