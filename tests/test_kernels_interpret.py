@@ -98,11 +98,19 @@ def test_routing_picks_the_top_k_in_order_with_ties_to_the_lower_expert():
 
 
 def test_argmax_rows_takes_the_first_of_equal_maxima():
-    logits = torch.randn(3, 10000, generator=torch.Generator().manual_seed(2))
-    logits[1, 77] = logits[1, 9000] = 50.0  # a tie: the lower column, as torch.argmax
+    """argmax_rows splits each row over programs of ARGMAX_BLOCK logits and the last one picks: ties inside one
+    part and across parts go to the lower column, as torch.argmax, and so does an all -inf row."""
+    block = kernels.ARGMAX_BLOCK
+    V = 3 * block + 100  # the last part is partial
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(2))
+    logits[1, 77] = logits[1, 2 * block + 5] = 50.0  # a tie across parts
     logits[2] = float("-inf")
-    logits[2, 9999] = 0.0  # the last column, in the last (partial) block
-    assert kernels.argmax_rows(logits).tolist() == [int(logits[0].argmax()), 77, 9999]
+    logits[2, V - 1] = 0.0  # the last column, in the partial part
+    logits[3, block + 9] = logits[3, block + 10] = 60.0  # a tie inside one part
+    logits[4] = float("-inf")
+    logits[5, block] = 40.0  # the first column of a part
+    for _ in range(2):  # the tickets are left at zero for the next launch
+        assert kernels.argmax_rows(logits).tolist() == [int(logits[0].argmax()), 77, V - 1, block + 9, 0, block]
 
 
 @pytest.mark.parametrize("rows", [1, 3])
