@@ -79,7 +79,7 @@ class DecodeStep:
         """index: one slot for all rows, or [B] slots, one per row; keep: [B] (default: every row)."""
         rows = (tokens, positions, index, keep)
         if all(isinstance(row, torch.Tensor) and row.device.type == "cpu" for row in rows):
-            self.inputs.copy_(torch.stack([row.long() for row in rows]))  # the scheduler's case: one copy
+            self.inputs.copy_(torch.stack(rows))  # the scheduler's case: one copy
             return self.run()
         self.token.copy_(tokens)
         self.position.copy_(positions)

@@ -417,7 +417,7 @@ class Scheduler:
             slots[request.row] = request.used_slots
             if request.decoding:
                 tokens[request.row], positions[request.row], keep[request.row] = request.token, request.position, 1
-        logits = self.steps[batch](*map(torch.tensor, (tokens, positions, slots, keep)))
+        logits = self.steps[batch](*torch.tensor([tokens, positions, slots, keep]))
         self.steps_run += 1
         decoding = [r for r in self.active if r.decoding]
         for request in decoding:  # the step put this token at `slot`
@@ -451,8 +451,10 @@ class Scheduler:
             logits = logits.clone()
             rows, tokens = zip(*bans)
             logits[list(rows), list(tokens)] = float("-inf")
-        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(requests) if not r.cfg.do_sample]
+        if len(greedy) == len(requests):  # the common case in one launch: no row indices to copy to the GPU first
+            return most_likely(logits).tolist()
+        chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         if greedy:
             chosen[greedy] = most_likely(logits[greedy])
         unseeded: dict[tuple, list[int]] = collections.defaultdict(list)
