@@ -79,7 +79,7 @@ class DecodeStep:
         """index: one slot for all rows, or [B] slots, one per row; keep: [B] (default: every row)."""
         rows = (tokens, positions, index, keep)
         if all(isinstance(row, torch.Tensor) and row.device.type == "cpu" for row in rows):
-            self.inputs.copy_(torch.stack(rows))  # the scheduler's case: one copy
+            self.load(torch.stack(rows))
             return self.run()
         self.token.copy_(tokens)
         self.position.copy_(positions)
@@ -92,6 +92,13 @@ class DecodeStep:
         else:
             self.keep.copy_(keep)
         return self.run()
+
+    def load(self, rows: torch.Tensor) -> None:
+        """Set every row's token, position, slot and keep (1/0) from rows [4, B] on the host, in one copy that does
+        not wait for the GPU's queue (from pinned memory): the scheduler keeps a step queued ahead of this one."""
+        if self.inputs.is_cuda:
+            rows = rows.pin_memory()
+        self.inputs.copy_(rows, non_blocking=True)
 
     def advance(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed tokens [B] (on the device) one position and one slot after the last call's, each row kept as it

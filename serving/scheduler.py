@@ -3,18 +3,19 @@
 A thread owns one slotted KV cache: `rows` rows of `capacity` slots each, both worked out from a memory budget.
 Each admitted request gets a row. Every turn of the loop:
 
-  1. requests that finished, were stopped or were abandoned leave at once, and the highest occupied row moves into
-     the freed one (its used slots, valid flags, position and slot), so occupied rows stay packed at the bottom;
+  1. requests that were stopped or abandoned leave at once, and the highest occupied row moves into the freed
+     one (its used slots, valid flags, position and slot), so occupied rows stay packed at the bottom;
   2. waiting requests are admitted into free rows (the rest wait, and are told how many requests are ahead);
-  3. the decode step launched last turn is read: each of its requests chooses its next token;
+  3. each request of the decode step launched last turn chooses its next token, on the GPU;
   4. waiting prompts are embedded (media included) and prefilled into their rows, at most `prefill_chunk` tokens
      per turn (several short prompts, or one chunk of a long one), so that running streams never stall long for
      someone else's prompt;
-  5. the next decode step is launched: it feeds every decoding row its next token (requests whose prefill ended
-     in 4 included), each row at its own cache slot and position, captured for the smallest batch bucket (1, 2, 4, ...
-     rows) covering the occupied rows;
-  6. the tokens chosen in 3 go to their streams while that step runs, so the GPU never waits for the streams'
-     Python (waking a visitor's thread, taking the GIL) between steps.
+  5. the next decode step is launched: it feeds every decoding row its next token (the tokens chosen in 3, still
+     on the GPU, and the first tokens of prompts whose prefill ended in 4), each row at its own cache slot and
+     position, captured for the smallest batch bucket (1, 2, 4, ... rows) covering the occupied rows;
+  6. the host reads the tokens chosen in 3 while that step runs: each goes to its stream, and a request ends at
+     <|endoftext|> (its row in the running step is simply never read) or max_new_tokens; the streams get them after
+     the turn, so the GPU never waits for the host's Python (waking a visitor's thread, taking the GIL).
 
 Each request keeps its own sampling settings, seed, max tokens, repetition guard and stop event, and streams its
 token ids through a `RequestStream`. Iteration-level scheduling and chunked prefill are the ideas of Orca, vLLM and
@@ -200,7 +201,7 @@ class Request:
     states: list[torch.Tensor] = field(default_factory=list)
     # decode
     decoding: bool = False
-    token: int = 0  # the next token to feed
+    token: int = 0  # the first token to feed, chosen by the prefill (later ones are fed on the device)
     position: int = 0  # its RoPE position
     slot: int = 0  # its cache slot; slots [0, slot) are this request's
     generated: int = 0
@@ -215,6 +216,17 @@ class Request:
     @property
     def used_slots(self) -> int:
         return self.slot if self.decoding else self.prefilled
+
+
+@dataclass(eq=False)
+class ChosenTokens:
+    """A launched step's next tokens, chosen on the device (`tokens`, fed to the next step there) and copied to
+    `host` once `ready` (a CUDA event; None on the CPU) has passed."""
+
+    requests: list[Request]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 # ---------------------------------------------------------------------------------------------------- scheduler
@@ -242,7 +254,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.peak_active = 0
         self.steps_run = 0
-        # The decode step launched last turn, not yet read: (logits, its decoding requests, their rows then).
+        # The decode step launched last turn, its tokens not chosen yet: (logits, its requests, their rows then).
         self.in_flight: tuple[torch.Tensor, list[Request], list[int]] | None = None
         self.outbox: list[tuple[RequestStream, str, object]] = []  # stream events of this turn, delivered after it
         self._wake = threading.Condition()
@@ -336,15 +348,16 @@ class Scheduler:
                 request.stream._put("ahead", ahead)
 
     def _turn(self) -> None:
-        """Read the step in flight, prefill, launch the next step (with the prefilled request in it). The turn's
-        tokens reach their streams after it (`_deliver`), while that step runs: the GPU does not wait for the
-        streams' Python. (Launching the step before the prefill, to overlap the prefill's launches with it, measured
-        no better on an H200: 124 against 120-132 tok/s per visitor at 16 visitors.)"""
+        """Choose the tokens of the step in flight on the GPU, prefill, launch the next step, then read the chosen
+        tokens: the next step is fed those tokens on the GPU, so it runs while the host reads and streams them,
+        and the GPU never waits for the host between steps (at one visitor that wait was ~8% of the time). The
+        turn's tokens reach their streams after it (`_deliver`). (Launching the step before the prefill, to overlap
+        the prefill's launches with it, measured no better on an H200: 124 against 120-132 tok/s per visitor at 16
+        visitors.)"""
         for request in list(self.active):
             if request.stream.cancelled.is_set() or _stopped(request):
                 self._finish(request, "stopped")
-        if self.in_flight is not None:
-            self._read_step()
+        chosen = self._choose_in_flight()
         # Up to `prefill_chunk` prompt tokens per turn, oldest request first: several short prompts share a turn,
         # but a prompt that does not fit in what is left waits for a turn of its own rather than start with a sliver.
         budget = self.prefill_chunk
@@ -356,8 +369,9 @@ class Scheduler:
             except Exception as error:  # bad media, out of memory: this request only
                 log.exception("prefill failed")
                 self._finish(request, error=error)
-        if any(r.decoding for r in self.active):
-            self._launch_step()
+        self._launch_step(chosen)
+        if chosen is not None:
+            self._read_chosen(chosen)
 
     # ---------------------------------------------------------------------------------------------- prefill
     def _prefill_chunk(self, request: Request, limit: int) -> int:
@@ -389,7 +403,7 @@ class Scheduler:
         request.decoding = True
         request.slot = request.length
         request.position = int(request.positions[0, -1]) + 1
-        self._accept(request, self._choose([request], logits)[0])
+        self._accept(request, self._choose([request], logits).tolist()[0])
         return end - start
 
     def _start_prefill(self, request: Request) -> None:
@@ -406,57 +420,94 @@ class Scheduler:
             request.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
 
     # ----------------------------------------------------------------------------------------------- decode
-    def _launch_step(self) -> None:
-        """Launch one step for all occupied rows (the smallest captured bucket covering them); read it next turn.
-        Rows still prefilling, and the bucket's empty rows, feed a dummy token at their first unused slot (nothing
-        is there yet, and attention reads up to it), which the step leaves invalid."""
-        n = len(self.active)
-        batch = next(b for b in self.steps if b >= n)
+    def _launch_step(self, chosen: "ChosenTokens | None") -> None:
+        """Launch one step for all occupied rows (the smallest captured bucket covering them); its tokens are
+        chosen next turn. A request fed last turn's `chosen` token (not read by the host yet) takes it on the GPU;
+        one whose prefill just ended is fed its first token; one whose chosen token is its last (max_new_tokens)
+        sits this step out. Rows still prefilling, and the bucket's empty rows, feed a dummy token at their first
+        unused slot (nothing is there yet, and attention reads up to it), which the step leaves invalid."""
+        pending = {id(r): i for i, r in enumerate(chosen.requests)} if chosen is not None else {}
+        fed_rows, fed_from, launched = [], [], []
+        for request in self.active:
+            if not request.decoding:
+                continue
+            if id(request) in pending:
+                if request.generated + 1 >= request.cfg.max_new_tokens:
+                    continue
+                fed_rows.append(request.row)
+                fed_from.append(pending[id(request)])
+            launched.append(request)
+        if not launched:
+            return
+        batch = next(b for b in self.steps if b >= len(self.active))
         tokens, positions, slots, keep = [0] * batch, [0] * batch, [0] * batch, [0] * batch
         for request in self.active:
             slots[request.row] = request.used_slots
-            if request.decoding:
-                tokens[request.row], positions[request.row], keep[request.row] = request.token, request.position, 1
-        logits = self.steps[batch](*torch.tensor([tokens, positions, slots, keep]))
+        for request in launched:
+            tokens[request.row], positions[request.row], keep[request.row] = request.token, request.position, 1
+        step = self.steps[batch]
+        step.load(torch.tensor([tokens, positions, slots, keep]))
+        if fed_rows and fed_rows == fed_from == list(range(len(chosen.requests))):  # rows as they were: one copy
+            step.token[:len(fed_rows)].copy_(chosen.tokens)
+        elif fed_rows:
+            step.token.index_copy_(0, self._on_device(fed_rows), chosen.tokens[self._on_device(fed_from)])
+        logits = step.run()
         self.steps_run += 1
-        decoding = [r for r in self.active if r.decoding]
-        for request in decoding:  # the step put this token at `slot`
+        for request in launched:  # the step put this token at `slot`
             request.slot += 1
             request.position += 1
-        self.in_flight = (logits, decoding, [r.row for r in decoding])
+        self.in_flight = (logits, launched, [r.row for r in launched])
 
-    def _read_step(self) -> None:
-        """The launched step's next token for each of its requests still running (rows may have moved since)."""
+    def _choose_in_flight(self) -> "ChosenTokens | None":
+        """The launched step's next token for each of its requests still running (rows may have moved since),
+        chosen on the GPU and on its way to the host: nothing here waits for the GPU."""
+        if self.in_flight is None:
+            return None
         logits, launched, rows = self.in_flight
         self.in_flight = None
         running = [(request, row) for request, row in zip(launched, rows) if request.reason is None]
         if not running:
-            return
+            return None
         requests = [request for request, _ in running]
         rows = [row for _, row in running]
         if rows == list(range(len(rows))):
             logits = logits[:len(rows)]
         else:
-            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        for request, token in zip(requests, self._choose(requests, logits)):
+            logits = logits.index_select(0, self._on_device(rows))
+        tokens = self._choose(requests, logits)
+        if tokens.device.type != "cuda":
+            return ChosenTokens(requests, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return ChosenTokens(requests, tokens, host, ready)
+
+    def _read_chosen(self, chosen: "ChosenTokens") -> None:
+        """Wait for the chosen tokens (the step launched after them keeps the GPU busy meanwhile) and accept them."""
+        if chosen.ready is not None:
+            chosen.ready.synchronize()
+        for request, token in zip(chosen.requests, chosen.host.tolist()):  # all still running (see _turn)
             self._accept(request, token)
 
-    def _choose(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        """Each request's next token from its row of logits [n, V] (float32), by its own settings, exactly as
-        `Decoder.step` chooses for that prompt alone: its repetition guard's bans, then greedy, or sampling with its
-        own generator when it has a seed. Rows are batched where that changes nothing: one ban write, one argmax
-        for the greedy rows, one draw per group of unseeded rows with the same settings; one sync at the end."""
+    def _choose(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """Each request's next token [n] (on the logits' device) from its row of logits [n, V] (float32), by its own
+        settings, exactly as `Decoder.step` chooses for that prompt alone: its repetition guard's bans, then greedy,
+        or sampling with its own generator when it has a seed. Rows are batched where that changes nothing: one
+        ban write, one argmax for the greedy rows, one draw per group of unseeded rows with the same settings.
+        Nothing waits for the GPU (row indices go over in pinned memory)."""
         bans = [(i, token) for i, r in enumerate(requests) if r.guard is not None for token in r.guard.banned()]
         if bans:
             logits = logits.clone()
             rows, tokens = zip(*bans)
-            logits[list(rows), list(tokens)] = float("-inf")
+            logits[self._on_device(rows), self._on_device(tokens)] = float("-inf")
         greedy = [i for i, r in enumerate(requests) if not r.cfg.do_sample]
-        if len(greedy) == len(requests):  # the common case in one launch: no row indices to copy to the GPU first
-            return most_likely(logits).tolist()
+        if len(greedy) == len(requests):  # the common case in one launch
+            return most_likely(logits)
         chosen = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         if greedy:
-            chosen[greedy] = most_likely(logits[greedy])
+            index = self._on_device(greedy)
+            chosen[index] = most_likely(logits[index])
         unseeded: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, request in enumerate(requests):
             cfg = request.cfg
@@ -467,8 +518,17 @@ class Scheduler:
             else:
                 chosen[i] = select_next_token(logits[i:i + 1], cfg, None, request.generator)[0]
         for rows in unseeded.values():
-            chosen[rows] = select_next_token(logits[rows], requests[rows[0]].cfg, None, None)
-        return chosen.tolist()
+            index = self._on_device(rows)
+            chosen[index] = select_next_token(logits[index], requests[rows[0]].cfg, None, None)
+        return chosen
+
+    def _on_device(self, values) -> torch.Tensor:
+        """Integers as an index tensor on the scheduler's device, copied from pinned memory: a copy from ordinary
+        host memory would wait for the GPU's queue to drain (this thread keeps a step queued ahead of it)."""
+        index = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return index
+        return index.pin_memory().to(self.device, non_blocking=True)
 
     def _accept(self, request: Request, token: int) -> None:
         """A chosen token: end at <|endoftext|>, else stream it, and end at max_new_tokens."""

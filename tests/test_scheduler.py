@@ -232,6 +232,37 @@ def test_arrivals_and_stops_mid_stream_leave_the_others_unchanged(tiny):
 
 
 @torch.no_grad()
+def test_a_request_ending_while_its_next_step_runs_leaves_the_others_unchanged(tiny):
+    """Each step is fed the tokens chosen after the last one on the device, before the host reads them, so a
+    request whose token turns out to be <|endoftext|> is already in the next step. Its row is still freed at once,
+    and the request moved into it (the highest row) carries on exactly as alone, sampled and guarded ones too. (The
+    tiny model's random weights never choose <|endoftext|>: a token the first request chooses mid-stream, and no
+    other request ever does, plays its part.)"""
+    model, _ = tiny
+    requests = [(text_inputs(8, 21), SamplingConfig(max_new_tokens=16)),
+                (text_inputs(11, 22), SamplingConfig(max_new_tokens=18, no_repeat_ngram_size=3)),
+                (text_inputs(14, 23), SamplingConfig(max_new_tokens=14, do_sample=True, seed=4)),
+                (text_inputs(17, 24), SamplingConfig(max_new_tokens=20))]
+    outputs = [alone(model, *r)[0] for r in requests]
+    others = {t for out in outputs[1:] for t in out}
+    eos = next(t for t in outputs[0][4:] if t not in others and outputs[0].index(t) >= 4)
+    want = [(out[:out.index(eos)], "eos") if eos in out else (out, "length") for out in outputs]
+    scheduler = Scheduler(model, max_active=4)
+    scheduler.eos = eos
+    try:
+        streams = [scheduler.submit(*r) for r in requests]  # in order: the first request holds row 0
+        got = [drain(stream) for stream in streams]
+        deadline = time.time() + 10
+        while (scheduler.active or scheduler.cache.valid.any()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not scheduler.active and not scheduler.cache.valid.any(), "every row is free and clean"
+    finally:
+        scheduler.close()
+    assert want[0][1] == "eos" and len(want[0][0]) >= 4
+    assert got == want
+
+
+@torch.no_grad()
 def test_a_full_budget_queues_requests_and_reports_their_place(tiny):
     """A budget of two rows: the next requests wait (told how many are ahead), never fail, and get exactly their
     output alone once a row frees up."""
