@@ -71,9 +71,11 @@ def _capability(device: torch.device) -> int:
 def _wait_for_inputs(PDL: tl.constexpr):
     """Wait until the kernel launched before this one has finished and its writes are visible, then let the next
     kernel launch. Every kernel here calls it in every program before it reads what an earlier kernel wrote and
-    before it writes anything, so the launch order is still the order of effects. And because the next kernel
-    launches only once all of this kernel's programs have waited, the kernel two launches back has finished by the
-    time the next one starts: that one may read its outputs before its own wait (the one-row MoE reads the routing)."""
+    before it writes anything, so the launch order is still the order of effects. (A program with nothing to do may
+    leave before it, reading only what was written before the step and writing nothing.) And because the next
+    kernel launches only once all of this kernel's programs have waited or left, and at least one has waited, the
+    kernel two launches back has finished by the time the next one starts: that one may read its outputs before
+    its own wait (the one-row MoE reads the routing)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -870,6 +872,11 @@ def _decode_attention_partial(
     real = g < GROUP
     newest, chunks, per_split = _row_chunks(slot_ptr, b, splits, CHUNK)
     first = split * per_split
+    if first >= chunks:
+        # No keys for this split: leave before the wait, writing nothing (the combine reads only the splits that
+        # read keys). The grid is fixed by the cache's capacity: a scheduler row of 16,384 slots has 128 splits
+        # per KV head, most of them empty for a chat; staying cost 50 us a step at one row on an H200.
+        return
     last = tl.minimum(first + per_split, chunks)
     # RoPE here rather than in a kernel of its own (one fewer link in the chain of small kernels between a layer's
     # weight reads): every program rotates its query heads; the one that reads the newest slot rotates the new key
