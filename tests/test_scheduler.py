@@ -146,6 +146,14 @@ def run_concurrently(scheduler: Scheduler, requests: list[tuple[dict, SamplingCo
     return results
 
 
+def assert_rows_free(scheduler: Scheduler) -> None:
+    """Once the streams have ended, every row is free and its valid flags are clear (within a few turns)."""
+    deadline = time.time() + 10
+    while (scheduler.active or scheduler.cache.valid.any()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not scheduler.active and not scheduler.cache.valid.any(), "every row is free and clean"
+
+
 def test_cache_plan_fits_the_budget():
     per_token = 57_345  # the release: 28 layers x 4 KV heads x 128 x 2 (k, v) x bf16, plus the valid flag
     rows, capacity = plan_cache(per_token, 40 * 2**30, 32, 32768)
@@ -223,10 +231,7 @@ def test_arrivals_and_stops_mid_stream_leave_the_others_unchanged(tiny):
         assert list(streams["stopped"]) == [] and streams["stopped"].finish_reason == "stopped"
         for name in ("long", "short", "late"):
             assert (got[name], streams[name].finish_reason) == want[name], name
-        deadline = time.time() + 10
-        while (scheduler.active or scheduler.cache.valid.any()) and time.time() < deadline:
-            time.sleep(0.05)
-        assert not scheduler.active and not scheduler.cache.valid.any(), "every row is free and clean"
+        assert_rows_free(scheduler)
     finally:
         scheduler.close()
 
@@ -252,10 +257,7 @@ def test_a_request_ending_while_its_next_step_runs_leaves_the_others_unchanged(t
     try:
         streams = [scheduler.submit(*r) for r in requests]  # in order: the first request holds row 0
         got = [drain(stream) for stream in streams]
-        deadline = time.time() + 10
-        while (scheduler.active or scheduler.cache.valid.any()) and time.time() < deadline:
-            time.sleep(0.05)
-        assert not scheduler.active and not scheduler.cache.valid.any(), "every row is free and clean"
+        assert_rows_free(scheduler)
     finally:
         scheduler.close()
     assert want[0][1] == "eos" and len(want[0][0]) >= 4
