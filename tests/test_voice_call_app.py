@@ -379,13 +379,15 @@ def replies(page) -> dict:
 
 def onset_of(page, seconds_after_first: float) -> float:
     """The onset the probe heard `seconds_after_first` after the first one (the fake microphone's wav has its
-    sounds at known places), within 0.3 s."""
+    sounds at known places): the nearest to that time, from 0.3 s early to 1.5 s late. A loaded 2-core machine
+    feeds the fake microphone late, never early: a fresh-clone run heard a sound 7.89 s into the wav 0.4-0.6 s late
+    in three attempts running. The page hears it then, so that is where its reaction is measured from."""
     heard = onsets(page)
     assert heard, "no sound reached the page"
     want = heard[0] + 1000 * seconds_after_first
-    near = [t for t in heard if abs(t - want) <= 300]
+    near = [t for t in heard if -300 <= t - want <= 1500]
     assert near, f"no onset near {seconds_after_first:.2f} s after the first: {heard}"
-    return near[0]
+    return min(near, key=lambda t: abs(t - want))
 
 
 def diagnosis(page) -> dict:
