@@ -389,7 +389,7 @@ class Scheduler:
         # The first chunk attends to itself only, as one prompt alone does (plain causal when nothing is padded);
         # later chunks attend over the row's slots so far.
         mask = prompt_mask(valid) if start == 0 else cache_mask(row.valid, slots)
-        router_ids = request.router_ids[:, start:end]
+        router_ids = None if request.router_ids is None else request.router_ids[:, start:end]
         hidden = self.llm.model(request.embeds[:, start:end], request.positions[:, start:end], mask, router_ids,
                                 row, slots)
         if request.keep_thinker_states:
@@ -409,8 +409,13 @@ class Scheduler:
 
     def _start_prefill(self, request: Request) -> None:
         ids = request.input_ids.to(self.device)
-        request.embeds, request.router_ids = self.model.embed(
-            ids, **{name: value.to(self.device) for name, value in request.media.items()})
+        media = {name: value.to(self.device) for name, value in request.media.items()}
+        request.embeds, request.router_ids = self.model.embed(ids, **media)
+        if not media:
+            # Text only: the text gate scores every token. Known here, it spares the prefill asking the GPU which
+            # gates its tokens need (`ming.llm.modality_rows`), which would wait for the decode step running now
+            # before the host could launch the prompt's kernels.
+            request.router_ids = None
         request.media = {}
         request.valid = key_valid_of(request.attention_mask, ids, self.device)
         request.positions = (request.valid.long().cumsum(-1) - 1).clamp(min=0)
