@@ -77,10 +77,6 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, index: int | torch.Tensor,
                  keep: torch.Tensor | None = None) -> torch.Tensor:
         """index: one slot for all rows, or [B] slots, one per row; keep: [B] (default: every row)."""
-        rows = (tokens, positions, index, keep)
-        if all(isinstance(row, torch.Tensor) and row.device.type == "cpu" for row in rows):
-            self.load(torch.stack(rows))
-            return self.run()
         self.token.copy_(tokens)
         self.position.copy_(positions)
         if isinstance(index, int):
